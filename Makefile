@@ -1,0 +1,52 @@
+# aichor: `make run` starts the dashboard and the worker on embedded defaults; `make test` runs
+# the suite (with CI=true against PostgreSQL, Redis and a real Docker Engine).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run setup test bench lint services clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
+	touch $@
+
+setup: $(VENV)/.installed $(if $(wildcard package.json),node_modules/.installed)
+
+run: setup
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
+	$(BIN)/python manage.py bootstrap
+	HOST=$(HOST) PORT=$(PORT) BIN=$(BIN) scripts/run.sh
+
+services:
+	@scripts/services.sh
+
+test: setup services
+	@if [ "$$CI" = "true" ]; then \
+	  export DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/aichor}; \
+	  export REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/0}; \
+	fi; \
+	$(BIN)/python manage.py collectstatic --noinput --verbosity 0 && \
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup services
+	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/aichor_bench} $(BIN)/python bench/run_all.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,3 @@
+"""WebSocket routes (logs, terminal); each consumer authorises through projects.access."""
+
+websocket_urlpatterns: list = []

@@ -1,0 +1,192 @@
+"""One settings module. Embedded defaults (SQLite, filesystem broker and storage, in-memory
+channel layer) need no server; production values come from environment variables alone."""
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from aichor.lib.env import env_bool, env_float, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(env_str("AICHOR_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+
+DEBUG = env_bool("AICHOR_DEBUG", False)
+SECRET_KEY = env_str("AICHOR_SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG and env_bool("AICHOR_REQUIRE_SECRET_KEY", False):
+        raise ImproperlyConfigured("AICHOR_SECRET_KEY must be set in production")
+    # The embedded default keeps a generated key in the data folder so sessions and encrypted
+    # variables survive restarts without anyone having to invent a secret.
+    _key_file = DATA_DIR / "secret_key"
+    if _key_file.exists():
+        SECRET_KEY = _key_file.read_text().strip()
+    else:
+        import secrets
+
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        SECRET_KEY = secrets.token_urlsafe(50)
+        _key_file.write_text(SECRET_KEY)
+        _key_file.chmod(0o600)
+
+ALLOWED_HOSTS = env_list("AICHOR_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("AICHOR_CSRF_TRUSTED_ORIGINS", [])
+# The externally visible address, used to print webhook URLs.
+PUBLIC_URL = env_str("AICHOR_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "channels",
+    "projects",
+    "experiments",
+    "datasets",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "aichor.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+WSGI_APPLICATION = None
+ASGI_APPLICATION = "aichor.asgi.application"
+
+DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'aichor.sqlite3'}")
+try:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+except Exception as exc:  # dj_database_url raises bare ValueErrors on unknown schemes
+    raise ImproperlyConfigured(f"DATABASE_URL is not usable: {exc}") from None
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # The web server and the worker write to the same file; WAL plus a busy timeout keeps
+    # them from failing each other with "database is locked".
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("AICHOR_TIME_ZONE", "UTC")
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+if (BASE_DIR / "node_modules").exists():
+    STATICFILES_DIRS.append(("vendor", BASE_DIR / "node_modules"))
+
+# --- Redis: Celery broker and Channels layer in production -------------------------------
+REDIS_URL = env_str("REDIS_URL")
+
+if REDIS_URL:
+    CELERY_BROKER_URL = REDIS_URL
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    # kombu's filesystem transport: a broker that is just a folder, shared by the web server
+    # and the worker on one host.
+    _broker_dir = DATA_DIR / "broker"
+    for _sub in ("queue", "processed"):
+        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_URL = "filesystem://"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+        # The worker polls the folder; a short interval keeps queue latency low.
+        "polling_interval": 0.05,
+    }
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+CELERY_TASK_ALWAYS_EAGER = env_bool("AICHOR_CELERY_EAGER", False)
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = False
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_BEAT_SCHEDULE = {
+    "reconcile": {
+        "task": "experiments.reconcile",
+        "schedule": env_float("AICHOR_RECONCILE_SECONDS", 30.0),
+    },
+}
+
+# --- Pipeline ----------------------------------------------------------------------------
+WORK_DIR = Path(env_str("AICHOR_WORK_DIR", str(DATA_DIR / "work")))
+LOCAL_ENGINE_DIR = Path(env_str("AICHOR_LOCAL_ENGINE_DIR", str(DATA_DIR / "local-engine")))
+# How long one watch task follows a workload before handing over to a fresh task, so a
+# long experiment never pins a worker slot and a lost task is noticed by reconcile.
+WATCH_SLICE_SECONDS = env_float("AICHOR_WATCH_SLICE_SECONDS", 30.0)
+WATCH_POLL_SECONDS = env_float("AICHOR_WATCH_POLL_SECONDS", 0.5)
+# An active experiment whose task has not reported for this long is examined by reconcile.
+RECONCILE_STALE_SECONDS = env_float("AICHOR_RECONCILE_STALE_SECONDS", 120.0)
+CLONE_TIMEOUT_SECONDS = env_int("AICHOR_CLONE_TIMEOUT_SECONDS", 900)
+BUILD_TIMEOUT_SECONDS = env_int("AICHOR_BUILD_TIMEOUT_SECONDS", 3600)
+MAX_ARCHIVE_BYTES = env_int("AICHOR_MAX_ARCHIVE_BYTES", 5 * 1024**3)
+DOCKER_HOST = env_str("DOCKER_HOST")
+
+# --- Storage -----------------------------------------------------------------------------
+MEDIA_ROOT = DATA_DIR / "media"
+BUCKETS_ROOT = Path(env_str("AICHOR_BUCKETS_ROOT", str(DATA_DIR / "buckets")))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_SAMESITE = "Lax"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env_str("AICHOR_LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

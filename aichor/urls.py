@@ -1,0 +1,9 @@
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", include("experiments.urls")),
+    path("", include("projects.urls")),
+    path("", include("datasets.urls")),
+]

@@ -1,0 +1,128 @@
+"""The engine interface. An experiment is a set of named processes (worker-0, master-0, head,
+submitter...), so status, logs, exec and cancel take a process name. One module per kind."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class EngineError(Exception):
+    """The engine refused or failed; the message is shown to the user in the step log."""
+
+
+class Cancelled(Exception):
+    """Raised inside build/clone loops when the experiment was cancelled meanwhile."""
+
+
+@dataclass
+class ProcessSpec:
+    name: str  # unique within the experiment: "worker-0", "master-0", "head", "submitter"
+    command: str
+    env: dict[str, str]
+    resources: dict = field(default_factory=dict)
+    # Only decisive processes' exit codes decide the outcome (a Ray head is not decisive).
+    decisive: bool = True
+
+
+@dataclass
+class ProcessState:
+    name: str
+    phase: str  # "pending", "running", "exited", "missing"
+    exit_code: int | None = None
+
+
+@dataclass
+class Mount:
+    source: str  # host path
+    target: str  # path inside the process
+    read_only: bool = False
+
+
+class ExecSession:
+    """A bidirectional byte stream to a command in a process, with resize for TTYs."""
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def read(self, timeout: float | None = None) -> bytes | None:
+        """Bytes, b"" when nothing arrived within timeout, None at end of stream."""
+        raise NotImplementedError
+
+    def resize(self, rows: int, cols: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Engine:
+    kind: str = ""
+    needs_image = True
+
+    def __init__(self, config: dict | None = None) -> None:
+        self.config = config or {}
+
+    def build(
+        self,
+        *,
+        context_dir: str,
+        dockerfile: str,
+        tag: str,
+        build_args: dict[str, str],
+        target: str | None,
+        secrets: dict[str, str],
+        log: Callable[[str], None],
+        cancelled: Callable[[], bool],
+    ) -> str:
+        raise NotImplementedError
+
+    def image_exists(self, image: str) -> bool:
+        raise NotImplementedError
+
+    def submit(
+        self,
+        *,
+        experiment_id: str,
+        image: str,
+        processes: list[ProcessSpec],
+        mounts: list[Mount],
+        workdir: str | None,
+        log: Callable[[str], None],
+    ) -> dict:
+        """Start every process; return a JSON-able handle to find them again."""
+        raise NotImplementedError
+
+    def find(self, experiment_id: str) -> dict | None:
+        """The handle of an experiment's processes, if any exist (reconcile, idempotent submit)."""
+        raise NotImplementedError
+
+    def status(self, handle: dict) -> list[ProcessState]:
+        raise NotImplementedError
+
+    def logs(self, handle: dict, process: str, cursor: int | None = None) -> tuple[list[str], int | None]:
+        """A process's output lines after `cursor` (opaque, engine-defined) and the new cursor."""
+        raise NotImplementedError
+
+    def final_logs(self, handle: dict, process: str, cursor: int | None) -> list[str]:
+        """Everything left after `cursor` once the process has exited, partial last line included."""
+        return self.logs(handle, process, cursor)[0]
+
+    def exec(self, handle: dict, process: str, *, command: list[str], tty: bool = True) -> ExecSession:
+        raise NotImplementedError
+
+    def cancel(self, handle: dict) -> None:
+        """Stop every process now."""
+        raise NotImplementedError
+
+    def cleanup(self, handle: dict) -> None:
+        """Remove what is left (stopped containers, scratch folders). Idempotent."""
+        raise NotImplementedError
+
+    def cleanup_experiment(self, experiment_id: str) -> None:
+        handle = self.find(experiment_id)
+        if handle:
+            self.cancel(handle)
+            self.cleanup(handle)
+
+    def warnings_for(self, processes: list[ProcessSpec]) -> list[str]:
+        """What this engine cannot honour in the requested resources, for the step log."""
+        return []

@@ -1,0 +1,308 @@
+"""Docker engine: every process of an experiment is one container on a single Docker host,
+labelled with the experiment id so it can always be found again (reconcile, cancel)."""
+
+import os
+import socket
+import threading
+from datetime import UTC, datetime
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import DeviceRequest
+from docker.types import Mount as DockerMount
+
+from experiments.engines.base import Cancelled, Engine, EngineError, ExecSession, ProcessSpec, ProcessState
+
+LABEL = "aichor.experiment"
+PROCESS_LABEL = "aichor.process"
+
+
+def parse_ts_ns(stamp: str) -> int:
+    """Docker's RFC 3339 nano timestamp as integer nanoseconds (floats lose the last digits)."""
+    main, _, frac = stamp.rstrip("Z").partition(".")
+    seconds = int(datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp())
+    return seconds * 1_000_000_000 + int((frac or "0").ljust(9, "0")[:9])
+
+
+class DockerEngine(Engine):
+    kind = "docker"
+
+    def __init__(self, config: dict | None = None) -> None:
+        super().__init__(config)
+        self._client: docker.DockerClient | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            base_url = self.config.get("docker_host") or os.environ.get("DOCKER_HOST")
+            try:
+                self._client = (
+                    docker.DockerClient(base_url=base_url, timeout=120) if base_url else docker.from_env(timeout=120)
+                )
+            except DockerException as exc:
+                raise EngineError(f"cannot reach the Docker Engine: {exc}") from None
+        return self._client
+
+    # --- build -------------------------------------------------------------------------
+    def build(self, *, context_dir, dockerfile, tag, build_args, target, secrets, log, cancelled) -> str:
+        if secrets:
+            # The classic builder has no secret mounts; refusing beats leaking them into layers.
+            raise EngineError("build secrets need BuildKit, which this Docker engine's builder lacks")
+        api = docker.APIClient(base_url=self.client.api.base_url, version=self.client.api.api_version, timeout=None)
+        stream = api.build(
+            path=context_dir,
+            dockerfile=dockerfile,
+            tag=tag,
+            buildargs=build_args or None,
+            target=target or None,
+            decode=True,
+            rm=True,
+            forcerm=True,
+            pull=False,
+            network_mode="host",
+        )
+        outcome: dict = {}
+
+        def read() -> None:
+            try:
+                for chunk in stream:
+                    if "stream" in chunk:
+                        log(chunk["stream"])
+                    elif "error" in chunk:
+                        outcome["error"] = chunk.get("errorDetail", {}).get("message") or chunk["error"]
+                        log(outcome["error"] + "\n")
+                    elif "status" in chunk:
+                        log(chunk["status"] + "\n")
+                    if chunk.get("aux", {}).get("ID"):
+                        outcome["image_id"] = chunk["aux"]["ID"]
+            except Exception as exc:  # a closed socket after cancel lands here too
+                outcome.setdefault("error", f"build stream failed: {exc}")
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        while reader.is_alive():
+            reader.join(0.3)
+            if reader.is_alive() and cancelled():
+                _abort_stream(stream)
+                reader.join(10)
+                api.close()
+                raise Cancelled()
+        api.close()
+        if "error" in outcome:
+            raise EngineError(outcome["error"])
+        return tag
+
+    def image_exists(self, image: str) -> bool:
+        try:
+            self.client.images.get(image)
+            return True
+        except ImageNotFound:
+            return False
+
+    # --- run -----------------------------------------------------------------------------
+    def warnings_for(self, processes: list[ProcessSpec]) -> list[str]:
+        warnings = set()
+        for proc in processes:
+            res = proc.resources or {}
+            if res.get("tpu"):
+                warnings.add("a Docker host has no TPUs: accelerators.tpu ignored")
+            if res.get("extraSelectors"):
+                warnings.add("a Docker host has no node selectors: extraSelectors ignored")
+            if res.get("extraTolerations"):
+                warnings.add("a Docker host has no tolerations: extraTolerations ignored")
+            if res.get("rdma"):
+                warnings.add("RDMA devices are not passed through on a Docker host: rdma ignored")
+            if (res.get("gpu") or {}).get("count") and not self._has_gpu_runtime():
+                warnings.add("this Docker host has no NVIDIA runtime: GPUs ignored")
+        return sorted(warnings)
+
+    def _has_gpu_runtime(self) -> bool:
+        try:
+            return "nvidia" in (self.client.info().get("Runtimes") or {})
+        except DockerException:
+            return False
+
+    def _host_limits(self) -> tuple[int, int]:
+        info = self.client.info()
+        return int(info.get("NCPU") or os.cpu_count() or 1), int(info.get("MemTotal") or 0)
+
+    def submit(self, *, experiment_id, image, processes, mounts, workdir, log) -> dict:
+        # A retried submit must not start twins.
+        self.cleanup_experiment(experiment_id)
+        ncpu, _mem = self._host_limits()
+        gpu_ok = self._has_gpu_runtime()
+        containers = {}
+        try:
+            for proc in processes:
+                res = proc.resources or {}
+                kwargs: dict = {}
+                cpus = float(res.get("cpus") or 0) * float(res.get("cpuLimitRatio") or 1)
+                if cpus:
+                    # The daemon refuses a limit above the host's cores; a laptop still runs it.
+                    kwargs["nano_cpus"] = int(min(cpus, ncpu) * 1e9)
+                if res.get("memoryGB"):
+                    kwargs["mem_limit"] = int(float(res["memoryGB"]) * 1024**3)
+                if res.get("shmSizeGB"):
+                    kwargs["shm_size"] = int(float(res["shmSizeGB"]) * 1024**3)
+                gpus = (res.get("gpu") or {}).get("count") or 0
+                if gpus and gpu_ok:
+                    kwargs["device_requests"] = [DeviceRequest(count=int(gpus), capabilities=[["gpu"]])]
+                container = self.client.containers.create(
+                    image,
+                    entrypoint=["/bin/sh", "-c"],
+                    command=[proc.command],
+                    name=f"aichor-{experiment_id[:8]}-{proc.name}-{os.urandom(2).hex()}",
+                    labels={LABEL: experiment_id, PROCESS_LABEL: proc.name},
+                    environment=proc.env,
+                    network_mode="host",
+                    mounts=[DockerMount(m.target, m.source, type="bind", read_only=m.read_only) for m in mounts],
+                    detach=True,
+                    **kwargs,
+                )
+                containers[proc.name] = container.id
+                log(f"created container {container.name} for {proc.name}\n")
+            for name, cid in containers.items():
+                self.client.containers.get(cid).start()
+                log(f"started {name}\n")
+        except (APIError, DockerException) as exc:
+            handle = {"containers": containers}
+            self.cancel(handle)
+            self.cleanup(handle)
+            raise EngineError(f"could not start the containers: {_explain(exc)}") from None
+        return {"containers": containers}
+
+    def _containers(self, experiment_id: str) -> list:
+        return self.client.containers.list(all=True, filters={"label": f"{LABEL}={experiment_id}"})
+
+    def find(self, experiment_id: str) -> dict | None:
+        found = self._containers(experiment_id)
+        if not found:
+            return None
+        return {"containers": {c.labels.get(PROCESS_LABEL, c.name): c.id for c in found}}
+
+    def status(self, handle: dict) -> list[ProcessState]:
+        states = []
+        for name, cid in handle.get("containers", {}).items():
+            try:
+                attrs = self.client.api.inspect_container(cid)["State"]
+            except NotFound:
+                states.append(ProcessState(name, "missing"))
+                continue
+            status = attrs.get("Status")
+            if status in ("exited", "dead"):
+                states.append(ProcessState(name, "exited", int(attrs.get("ExitCode", -1))))
+            elif status == "created":
+                states.append(ProcessState(name, "pending"))
+            else:
+                states.append(ProcessState(name, "running"))
+        return states
+
+    def logs(self, handle: dict, process: str, cursor: int | None = None) -> tuple[list[str], int | None]:
+        """New output lines of a process since `cursor` (nanoseconds of the last line seen)."""
+        cid = handle.get("containers", {}).get(process)
+        if not cid:
+            return [], cursor
+        # One second of overlap, then drop what was seen: `since` has second-ish precision.
+        since = max(cursor / 1e9 - 1, 0.000001) if cursor else None
+        try:
+            raw = self.client.api.logs(cid, stdout=True, stderr=True, timestamps=True, since=since)
+        except NotFound:
+            return [], cursor
+        lines = []
+        for line in raw.decode("utf-8", "replace").splitlines(keepends=True):
+            stamp, _, text = line.partition(" ")
+            try:
+                ns = parse_ts_ns(stamp)
+            except ValueError:
+                lines.append(line)
+                continue
+            if cursor is not None and ns <= cursor:
+                continue
+            cursor = ns
+            lines.append(text if text.endswith("\n") else text + "\n")
+        return lines, cursor
+
+    def exec(self, handle: dict, process: str, *, command: list[str], tty: bool = True) -> ExecSession:
+        cid = handle.get("containers", {}).get(process)
+        if not cid:
+            raise EngineError(f"no process named {process}")
+        try:
+            exec_id = self.client.api.exec_create(
+                cid, command, stdin=True, tty=tty, stdout=True, stderr=True, environment={"TERM": "xterm-256color"}
+            )["Id"]
+            sock = self.client.api.exec_start(exec_id, tty=tty, socket=True)
+        except (APIError, DockerException) as exc:
+            raise EngineError(f"cannot open a shell: {_explain(exc)}") from None
+        return DockerExecSession(self.client.api, exec_id, sock)
+
+    def cancel(self, handle: dict) -> None:
+        for cid in handle.get("containers", {}).values():
+            try:
+                self.client.api.kill(cid)
+            except (NotFound, APIError):
+                pass  # already gone or already stopped
+
+    def cleanup(self, handle: dict) -> None:
+        for cid in handle.get("containers", {}).values():
+            try:
+                self.client.api.remove_container(cid, force=True)
+            except NotFound:
+                pass
+
+
+class DockerExecSession(ExecSession):
+    def __init__(self, api, exec_id: str, sock) -> None:
+        self.api = api
+        self.exec_id = exec_id
+        # exec_start(socket=True) gives a SocketIO wrapper; the raw socket allows timeouts.
+        self.sock = getattr(sock, "_sock", sock)
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self, timeout: float | None = None) -> bytes | None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except (TimeoutError, BlockingIOError):
+            return b""
+        except OSError:
+            return None
+        return data or None
+
+    def resize(self, rows: int, cols: int) -> None:
+        try:
+            self.api.exec_resize(self.exec_id, height=rows, width=cols)
+        except APIError:
+            pass  # the shell may be gone; the next read reports the end
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+
+
+def _abort_stream(stream) -> None:
+    """Cut the build's HTTP connection: the daemon cancels a classic build whose client left."""
+    frame = getattr(stream, "gi_frame", None)
+    response = frame.f_locals.get("response") if frame else None
+    conn = getattr(getattr(response, "raw", None), "_connection", None) or getattr(
+        getattr(response, "raw", None), "_fp", None
+    )
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    if response is not None:
+        response.close()
+
+
+def _explain(exc: Exception) -> str:
+    return getattr(exc, "explanation", None) or str(exc)

@@ -1,0 +1,97 @@
+"""Append-only logs kept in LogChunk rows, so they survive the containers and stay out of the
+experiment row. One writer per stream (the task that owns the step or the process)."""
+
+import time
+
+from django.db import IntegrityError, transaction
+from django.db.models import Max, Sum
+
+from experiments.models import LogChunk
+
+FLUSH_BYTES = 64 * 1024
+FLUSH_SECONDS = 0.5
+
+
+class LogWriter:
+    def __init__(self, experiment_id, stream: str) -> None:
+        self.experiment_id = experiment_id
+        self.stream = stream
+        self._buffer: list[str] = []
+        self._size = 0
+        self._last_flush = time.monotonic()
+        self._load_position()
+
+    def _load_position(self) -> None:
+        agg = LogChunk.objects.filter(experiment_id=self.experiment_id, stream=self.stream).aggregate(
+            seq=Max("seq"), lines=Sum("line_count")
+        )
+        self._seq = (agg["seq"] + 1) if agg["seq"] is not None else 0
+        self._lines = agg["lines"] or 0
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        self._buffer.append(text)
+        self._size += len(text)
+        if self._size >= FLUSH_BYTES or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def line(self, text: str) -> None:
+        self.write(text if text.endswith("\n") else text + "\n")
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._buffer:
+            return
+        text = "".join(self._buffer)
+        self._buffer, self._size = [], 0
+        count = text.count("\n") + (0 if text.endswith("\n") else 1)
+        for _attempt in range(3):
+            try:
+                with transaction.atomic():
+                    LogChunk.objects.create(
+                        experiment_id=self.experiment_id,
+                        stream=self.stream,
+                        seq=self._seq,
+                        first_line=self._lines,
+                        line_count=count,
+                        text=text,
+                    )
+                break
+            except IntegrityError:
+                # Another writer (a retried task) appended meanwhile: continue after it.
+                self._load_position()
+        self._seq += 1
+        self._lines += count
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> "LogWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def append_log(experiment_id, stream: str, text: str) -> None:
+    with LogWriter(experiment_id, stream) as writer:
+        writer.write(text)
+
+
+def read_log(experiment_id, stream: str, *, after_seq: int = -1, limit: int | None = None) -> list[LogChunk]:
+    qs = LogChunk.objects.filter(experiment_id=experiment_id, stream=stream, seq__gt=after_seq).order_by("seq")
+    return list(qs[:limit] if limit else qs)
+
+
+def log_text(experiment_id, stream: str) -> str:
+    return "".join(chunk.text for chunk in read_log(experiment_id, stream))
+
+
+def streams(experiment_id) -> list[str]:
+    return list(
+        LogChunk.objects.filter(experiment_id=experiment_id)
+        .values_list("stream", flat=True)
+        .distinct()
+        .order_by("stream")
+    )

@@ -1,0 +1,518 @@
+"""One service per pipeline step. Each begins its step through services.begin_step (a
+conditional update: a cancelled experiment goes no further), does its slow I/O outside any
+transaction, keeps its log, and enqueues the next step."""
+
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tarfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files.storage import default_storage
+from django.utils import timezone
+
+from experiments import services
+from experiments.engines import get_engine
+from experiments.engines.base import Cancelled, EngineError, Mount
+from experiments.logs import LogWriter
+from experiments.manifest import ManifestError, parse_manifest
+from experiments.models import Experiment, StepName, StepStatus
+from experiments.processes import DISTRIBUTION_VARS, plan_processes, ports_needed
+from projects.models import ProjectVariable
+
+log = logging.getLogger(__name__)
+
+PROTECTED_VARS = {
+    "AICHOR_INPUT_PATH", "AICHOR_OUTPUT_PATH", "AICHOR_TENSORBOARD_PATH", "AICHOR_EXPERIMENT_ID",
+    "AICHOR_PROJECT_ID", "AICHOR_EXPERIMENT_MESSAGE", "VCS_SHA", "S3_ENDPOINT", "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+} | DISTRIBUTION_VARS  # fmt: skip
+
+
+class StepFailed(Exception):
+    """Ends the experiment as Failed at the current step with this message."""
+
+
+class Liveness:
+    """Called often from slow loops: says whether to give up (cancelled) and keeps the
+    heartbeat fresh so reconcile leaves a working task alone."""
+
+    def __init__(self, experiment_id, every: float = 5.0) -> None:
+        self.experiment_id = experiment_id
+        self.every = every
+        self._last = 0.0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            self._last = now
+            return not services.heartbeat(self.experiment_id)
+        return not services.is_active(self.experiment_id)
+
+
+def workdir_of(experiment_id) -> Path:
+    return Path(settings.WORK_DIR) / str(experiment_id)
+
+
+def _enter(experiment_id, step: str) -> Experiment | None:
+    """Begin `step`, or resume it when reconcile re-enqueued a lost task."""
+    if not services.begin_step(experiment_id, step):
+        experiment = Experiment.objects.filter(pk=experiment_id).select_related("project", "engine").first()
+        if not experiment or experiment.is_terminal or experiment.current_step != step:
+            return None
+        services.heartbeat(experiment_id)
+        return experiment
+    return Experiment.objects.select_related("project", "engine").get(pk=experiment_id)
+
+
+def _inside(root: Path, relative: str, what: str) -> Path:
+    path = (root / relative).resolve()
+    if path != root.resolve() and root.resolve() not in path.parents:
+        raise StepFailed(f"{what} {relative!r} points outside the repository")
+    return path
+
+
+# --- Cloning -------------------------------------------------------------------------------
+def _git(args: list[str], cwd: Path, writer: LogWriter, cancelled: Liveness, timeout: float) -> None:
+    writer.line("$ git " + " ".join(args))
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
+    proc = subprocess.Popen(["git", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            if cancelled():
+                proc.kill()
+                raise Cancelled()
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise StepFailed(f"git {args[0]} took longer than {int(timeout)} s")
+            time.sleep(0.05)
+    finally:
+        out = proc.stdout.read().decode("utf-8", "replace") if proc.stdout else ""
+        writer.write(out)
+    if proc.returncode != 0:
+        raise StepFailed(f"git {args[0]} failed: {out.strip().splitlines()[-1] if out.strip() else proc.returncode}")
+
+
+def fetch_git(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: Liveness, depth: int = 1) -> None:
+    if not experiment.clone_url:
+        raise StepFailed("the project has no Git clone URL")
+    timeout = settings.CLONE_TIMEOUT_SECONDS
+    dest.mkdir(parents=True, exist_ok=True)
+    _git(["init", "-q"], dest, writer, cancelled, timeout)
+    _git(["remote", "add", "origin", experiment.clone_url], dest, writer, cancelled, timeout)
+    ref = experiment.commit_sha or experiment.branch or "HEAD"
+    try:
+        _git(["fetch", "--no-tags", f"--depth={depth}", "origin", ref], dest, writer, cancelled, timeout)
+    except StepFailed:
+        if not experiment.commit_sha:
+            raise
+        # Some servers refuse fetching a bare sha: take the branch's history and look there.
+        writer.line("fetching the commit directly was refused; fetching the branch history instead")
+        _git(["fetch", "--no-tags", "origin", experiment.branch or "HEAD"], dest, writer, cancelled, timeout)
+    _git(
+        ["-c", "advice.detachedHead=false", "checkout", "-q", experiment.commit_sha or "FETCH_HEAD"],
+        dest,
+        writer,
+        cancelled,
+        timeout,
+    )
+    if not experiment.commit_sha:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=dest, capture_output=True, text=True).stdout.strip()
+        services.set_fields(experiment.pk, commit_sha=sha)
+        experiment.commit_sha = sha
+
+
+def unpack_archive(experiment: Experiment, dest: Path, writer: LogWriter) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with default_storage.open(experiment.archive, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+            # The "data" filter refuses absolute paths, "..", links out of the tree and devices.
+            tar.extractall(dest, filter="data")
+    except FileNotFoundError:
+        raise StepFailed(f"the uploaded archive {experiment.archive} is gone") from None
+    except (tarfile.TarError, OSError) as exc:
+        raise StepFailed(f"the uploaded archive cannot be unpacked: {exc}") from None
+    writer.line(f"unpacked archive {experiment.archive}")
+
+
+def fetch_code(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: Liveness) -> dict:
+    """Fetch the code and return the validated manifest (clone options are applied after
+    reading it: the first fetch is shallow and cheap)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    if experiment.source == Experiment.Source.ARCHIVE:
+        unpack_archive(experiment, dest, writer)
+    else:
+        fetch_git(experiment, dest, writer, cancelled)
+    manifest_file = _inside(dest, experiment.manifest_path, "the manifest path")
+    if not manifest_file.is_file():
+        raise StepFailed(f"manifest {experiment.manifest_path} not found in the code")
+    text = manifest_file.read_text(errors="replace")
+    pvcs = set(experiment.project.pvcs.values_list("name", flat=True))
+    manifest = parse_manifest(text, known_pvcs=pvcs)
+    services.set_fields(experiment.pk, manifest=manifest, manifest_text=text)
+    clone = manifest["clone"]
+    if experiment.source == Experiment.Source.GIT:
+        if clone["depth"] > 1:
+            _git(
+                ["fetch", "--no-tags", f"--depth={clone['depth']}", "origin", experiment.commit_sha],
+                dest,
+                writer,
+                cancelled,
+                settings.CLONE_TIMEOUT_SECONDS,
+            )
+        if clone["submodules"] != "false":
+            args = ["submodule", "update", "--init", f"--depth={clone['depth']}"]
+            if clone["submodules"] == "recursive":
+                args.append("--recursive")
+            _git(args, dest, writer, cancelled, settings.CLONE_TIMEOUT_SECONDS)
+        if not clone["includeDotGit"]:
+            shutil.rmtree(dest / ".git", ignore_errors=True)
+    return manifest
+
+
+def run_clone(experiment_id) -> None:
+    experiment = _enter(experiment_id, StepName.CLONING)
+    if experiment is None:
+        return
+    with LogWriter(experiment.pk, f"step:{StepName.CLONING}") as writer:
+        try:
+            fetch_code(experiment, workdir_of(experiment.pk), writer, Liveness(experiment.pk))
+        except Cancelled:
+            writer.line("cancelled")
+            return
+        except ManifestError as exc:
+            writer.line(f"manifest {experiment.manifest_path} is invalid:")
+            for error in exc.errors:
+                writer.line(f"  {error}")
+            services.fail_experiment(experiment.pk, "Invalid manifest: " + "; ".join(exc.errors))
+            return
+        except StepFailed as exc:
+            writer.line(str(exc))
+            services.fail_experiment(experiment.pk, str(exc))
+            return
+        writer.line(f"manifest {experiment.manifest_path} is valid")
+    _next("build", experiment.pk)
+
+
+# --- Building ------------------------------------------------------------------------------
+def image_tag(experiment: Experiment, manifest: dict) -> str:
+    name = re.sub(r"[^a-z0-9._-]+", "-", (manifest["builder"]["image"] or "image").lower()).strip("-._") or "image"
+    return f"aichor/{experiment.project.namespace}/{name}:{experiment.pk}"
+
+
+def build_variables(experiment: Experiment) -> tuple[dict[str, str], dict[str, str]]:
+    args, secrets = {}, {}
+    for var in experiment.project.variables.filter(kind=ProjectVariable.Kind.BUILD):
+        (secrets if var.sensitive else args)[var.name] = var.plain_value()
+    return args, secrets
+
+
+def run_build(experiment_id) -> None:
+    experiment = _enter(experiment_id, StepName.BUILDING)
+    if experiment is None:
+        return
+    cancelled = Liveness(experiment.pk)
+    with LogWriter(experiment.pk, f"step:{StepName.BUILDING}") as writer:
+        try:
+            image = _build(experiment, writer, cancelled)
+        except Cancelled:
+            writer.line("build cancelled")
+            return
+        except (StepFailed, EngineError, ManifestError) as exc:
+            writer.line(str(exc))
+            services.fail_experiment(experiment.pk, f"Build failed: {str(exc).strip().splitlines()[-1]}")
+            return
+    if not services.set_fields(experiment.pk, image=image):
+        return
+    _next("submit", experiment.pk)
+
+
+def _build(experiment: Experiment, writer: LogWriter, cancelled: Liveness) -> str:
+    manifest = experiment.manifest
+    engine = get_engine(experiment.engine)
+    if not engine.needs_image:
+        writer.line(f"the {experiment.engine.kind} engine runs the code as it is: no image to build")
+        return ""
+    skip = manifest["builder"]["skipBuild"]
+    if skip["enabled"]:
+        other = Experiment.objects.filter(project=experiment.project, pk=_uuid_or_none(skip["experimentID"])).first()
+        if other and other.image and engine.image_exists(other.image):
+            writer.line(f"skipBuild: reusing the image of experiment {other.short_id}: {other.image}")
+            return other.image
+        if skip["failIfNotFound"]:
+            raise StepFailed(f"skipBuild: no image of experiment {skip['experimentID']} to reuse")
+        writer.line(f"skipBuild: no image of experiment {skip['experimentID']}; building instead")
+    workdir = workdir_of(experiment.pk)
+    if not workdir.exists():
+        # A resumed build on another worker: fetch the code again.
+        fetch_code(experiment, workdir, writer, cancelled)
+    builder = manifest["builder"]
+    context = _inside(workdir, builder["context"], "builder.context")
+    dockerfile = _inside(context, builder["dockerfile"], "builder.dockerfile")
+    if not dockerfile.is_file():
+        raise StepFailed(f"Dockerfile {builder['dockerfile']} not found in {builder['context']}")
+    args, secrets = build_variables(experiment)
+    tag = image_tag(experiment, manifest)
+    writer.line(f"building {tag}")
+    return engine.build(
+        context_dir=str(context),
+        dockerfile=str(dockerfile.relative_to(context)),
+        tag=tag,
+        build_args={**args, **builder["buildArgs"]},
+        target=builder["target"],
+        secrets=secrets,
+        log=writer.write,
+        cancelled=cancelled,
+    )
+
+
+def _uuid_or_none(value):
+    import uuid
+
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+# --- Submitting ----------------------------------------------------------------------------
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def bucket_dirs(experiment: Experiment) -> tuple[Path, Path]:
+    root = Path(settings.BUCKETS_ROOT)
+    inputs, outputs = root / experiment.project.inputs_bucket, root / experiment.project.outputs_bucket
+    (outputs / experiment.output_prefix).mkdir(parents=True, exist_ok=True)
+    inputs.mkdir(parents=True, exist_ok=True)
+    return inputs, outputs
+
+
+def workload_env(
+    experiment: Experiment, *, in_container: bool, writer: LogWriter
+) -> tuple[dict[str, str], list[Mount]]:
+    inputs, outputs = bucket_dirs(experiment)
+    if in_container:
+        mounts = [Mount(str(inputs), "/mnt/aichor/inputs"), Mount(str(outputs), "/mnt/aichor/outputs")]
+        in_path, out_root = "/mnt/aichor/inputs/", "/mnt/aichor/outputs/"
+    else:
+        mounts, in_path, out_root = [], f"{inputs}/", f"{outputs}/"
+    env: dict[str, str] = {}
+    for var in experiment.project.variables.filter(kind=ProjectVariable.Kind.RUNTIME):
+        env[var.name] = var.plain_value()
+    for name, value in (experiment.manifest["spec"]["env"] or {}).items():
+        if name in PROTECTED_VARS:
+            writer.line(f"warning: spec.env.{name} is set by aichor and cannot be overridden: ignored")
+            continue
+        env[name] = value
+    env.update(
+        {
+            "AICHOR_INPUT_PATH": in_path,
+            "AICHOR_OUTPUT_PATH": f"{out_root}{experiment.output_prefix}",
+            "AICHOR_TENSORBOARD_PATH": f"{out_root}{experiment.output_prefix}tensorboard/",
+            "AICHOR_EXPERIMENT_ID": str(experiment.pk),
+            "AICHOR_PROJECT_ID": str(experiment.project_id),
+            "AICHOR_EXPERIMENT_MESSAGE": experiment.message,
+            "VCS_SHA": experiment.commit_sha,
+        }
+    )
+    return env, mounts
+
+
+def run_submit(experiment_id) -> None:
+    experiment = _enter(experiment_id, StepName.SUBMITTING)
+    if experiment is None:
+        return
+    engine = get_engine(experiment.engine)
+    manifest = experiment.manifest
+    with LogWriter(experiment.pk, f"step:{StepName.SUBMITTING}") as writer:
+        try:
+            env, mounts = workload_env(experiment, in_container=engine.needs_image, writer=writer)
+            processes = plan_processes(manifest, env, host="127.0.0.1", ports=free_ports(ports_needed(manifest)))
+            for warning in engine.warnings_for(processes):
+                writer.line(f"warning: {warning}")
+            writer.line(f"submitting {len(processes)} process(es) to engine {experiment.engine.name}")
+            handle = engine.submit(
+                experiment_id=str(experiment.pk),
+                image=experiment.image,
+                processes=processes,
+                mounts=mounts,
+                workdir=str(workdir_of(experiment.pk)),
+                log=writer.write,
+            )
+        except EngineError as exc:
+            writer.line(str(exc))
+            services.fail_experiment(experiment.pk, f"Submitting failed: {exc}")
+            return
+    handle["decisive"] = [p.name for p in processes if p.decisive]
+    handle["cursors"] = {}
+    timeout = manifest["spec"]["timeout"]
+    deadline = timezone.now() + timedelta(seconds=timeout) if timeout else None
+    # A cancel that raced the submission finds the handle, or the check below cleans up.
+    if not services.set_fields(experiment.pk, handle=handle, deadline_at=deadline) or not services.begin_step(
+        experiment.pk, StepName.RUNNING
+    ):
+        engine.cancel(handle)
+        engine.cleanup(handle)
+        return
+    _next("watch", experiment.pk)
+
+
+# --- Running and Completed -----------------------------------------------------------------
+def _collect_logs(engine, experiment_id, handle: dict, final: bool = False) -> bool:
+    """Append new output of every process to its stored log; True when anything was new."""
+    cursors = handle.setdefault("cursors", {})
+    grew = False
+    for name in handle_processes(handle):
+        cursor = cursors.get(name)
+        if final:
+            lines = engine.final_logs(handle, name, cursor)
+        else:
+            lines, cursors[name] = engine.logs(handle, name, cursor)
+        if lines:
+            grew = True
+            with LogWriter(experiment_id, f"process:{name}") as writer:
+                writer.write("".join(lines))
+    return grew
+
+
+def handle_processes(handle: dict) -> list[str]:
+    return list((handle.get("containers") or handle.get("pids") or {}).keys())
+
+
+def run_watch(experiment_id) -> None:
+    experiment = Experiment.objects.select_related("engine").filter(pk=experiment_id).first()
+    if (
+        not experiment
+        or experiment.is_terminal
+        or experiment.current_step not in (StepName.RUNNING, StepName.COMPLETED)
+    ):
+        return
+    engine = get_engine(experiment.engine)
+    handle = experiment.handle or engine.find(str(experiment.pk)) or {}
+    handle.setdefault("decisive", handle_processes(handle))
+    if experiment.current_step == StepName.COMPLETED:
+        # A lost task had already begun Completed: finish from what the engine reports.
+        _finish(experiment, engine, handle, engine.status(handle) if handle_processes(handle) else [])
+        return
+    slice_end = time.monotonic() + settings.WATCH_SLICE_SECONDS
+    services.heartbeat(experiment.pk)
+    while time.monotonic() < slice_end:
+        states = engine.status(handle) if handle_processes(handle) else []
+        if _collect_logs(engine, experiment.pk, handle):
+            services.set_fields(experiment.pk, handle=handle)
+        if not services.is_active(experiment.pk):
+            return  # cancelled: the stop task removes the processes
+        if _outcome(handle, states) is not None:
+            _finish(experiment, engine, handle, states)
+            return
+        if experiment.deadline_at and timezone.now() >= experiment.deadline_at:
+            engine.cancel(handle)
+            _collect_logs(engine, experiment.pk, handle, final=True)
+            timeout = experiment.manifest["spec"]["timeout"]
+            services.step_log(experiment.pk, StepName.RUNNING, f"timeout of {timeout} s reached: workload stopped")
+            services.fail_experiment(experiment.pk, f"Timed out: spec.timeout of {timeout} s reached")
+            return
+        time.sleep(settings.WATCH_POLL_SECONDS)
+    services.set_fields(experiment.pk, handle=handle, heartbeat_at=timezone.now())
+    _next("watch", experiment.pk)
+
+
+def _outcome(handle: dict, states) -> tuple[bool, int | None, str] | None:
+    """(ok, exit code, reason) once the decisive processes tell, else None."""
+    by_name = {s.name: s for s in states}
+    decisive = handle.get("decisive") or list(by_name)
+    if not decisive or not by_name:
+        return False, None, "the engine has no record of the workload"
+    for name in decisive:
+        state = by_name.get(name)
+        if state is None or state.phase == "missing":
+            return False, None, f"{name} disappeared from the engine"
+        if state.phase == "exited" and state.exit_code != 0:
+            return False, state.exit_code, f"{name} exited with code {state.exit_code}"
+    if all(by_name[name].phase == "exited" for name in decisive):
+        return True, 0, ""
+    return None
+
+
+def _finish(experiment: Experiment, engine, handle: dict, states) -> None:
+    ok, exit_code, reason = _outcome(handle, states) or (False, None, "the workload stopped reporting")
+    outcome = StepStatus.SUCCEEDED if ok else StepStatus.FAILED
+    services.begin_step(experiment.pk, StepName.COMPLETED, previous_outcome=outcome, reason=reason)
+    if handle_processes(handle):
+        if not ok:
+            engine.cancel(handle)  # fail fast: the other ranks would wait for the dead one forever
+        _collect_logs(engine, experiment.pk, handle, final=True)
+        services.set_fields(experiment.pk, handle=handle)
+    services.step_log(experiment.pk, StepName.COMPLETED, "logs collected" + (f"; {reason}" if reason else ""))
+    if ok:
+        services.finish_experiment(experiment.pk, "Succeeded", exit_code=exit_code)
+    else:
+        services.finish_experiment(
+            experiment.pk, "Failed", reason=reason, exit_code=exit_code, step_status=StepStatus.SUCCEEDED
+        )
+    stop(experiment.pk)
+
+
+def stop(experiment_id) -> None:
+    """Remove what an ended experiment left on its engine, and its scratch folder."""
+    experiment = Experiment.objects.select_related("engine").filter(pk=experiment_id).first()
+    if not experiment or not experiment.is_terminal:
+        return
+    try:
+        engine = get_engine(experiment.engine)
+        handle = experiment.handle or engine.find(str(experiment.pk))
+        if handle and handle_processes(handle):
+            engine.cancel(handle)
+            _collect_logs(engine, experiment.pk, handle, final=True)
+            engine.cleanup(handle)
+        # Containers a racing submit created after the handle was read.
+        engine.cleanup_experiment(str(experiment.pk))
+    except EngineError as exc:
+        log.warning("could not clean up experiment %s: %s", experiment.pk, exc)
+    shutil.rmtree(workdir_of(experiment.pk), ignore_errors=True)
+
+
+# --- Reconcile -----------------------------------------------------------------------------
+RESUME = {
+    StepName.WAITING: "clone",
+    StepName.CLONING: "clone",
+    StepName.BUILDING: "build",
+    StepName.SUBMITTING: "submit",
+    StepName.RUNNING: "watch",
+    StepName.COMPLETED: "watch",
+}
+
+
+def reconcile(stale_seconds: float | None = None) -> list[str]:
+    """Re-enqueue the step of every active experiment whose owning task went silent (a killed
+    worker, a lost message). Returns the ids it moved on."""
+    stale = services.stale_active(settings.RECONCILE_STALE_SECONDS if stale_seconds is None else stale_seconds)
+    moved = []
+    for experiment in stale.only("id", "current_step", "status"):
+        services.heartbeat(experiment.pk)
+        services.record_action(experiment.pk, f"reconcile resumed {experiment.current_step}")
+        _next(RESUME[experiment.current_step], experiment.pk)
+        moved.append(str(experiment.pk))
+    return moved
+
+
+def _next(task_name: str, experiment_id) -> None:
+    from experiments import tasks
+
+    getattr(tasks, task_name).apply_async(args=[str(experiment_id)])

@@ -1,0 +1,165 @@
+import hashlib
+import secrets
+
+from django.conf import settings
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+from django.utils import timezone
+
+from aichor.lib.crypto import decrypt
+
+
+class Engine(models.Model):
+    class Kind(models.TextChoices):
+        DOCKER = "docker", "Docker host"
+        KUBERNETES = "kubernetes", "Kubernetes cluster"
+        LOCAL = "local", "Local processes"
+
+    name = models.CharField(max_length=64, unique=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    # Connection settings: {"docker_host": "unix:///..."} for docker, {"kubeconfig": path,
+    # "context": name} for kubernetes; empty means the server's own environment.
+    config = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.kind})"
+
+
+class ProjectQuerySet(models.QuerySet):
+    def for_user(self, user) -> "ProjectQuerySet":
+        if not user.is_authenticated:
+            return self.none()
+        return self.filter(memberships__user=user)
+
+
+class Project(models.Model):
+    name = models.CharField(max_length=100)
+    slug = models.SlugField(max_length=50, unique=True)
+    repo_clone_url = models.CharField("Git clone URL", max_length=500, blank=True)
+    repo_web_url = models.URLField("Git web URL", max_length=500, blank=True)
+    # Encrypted: the server needs the plain secret back to verify HMAC signatures.
+    webhook_secret_encrypted = models.TextField(editable=False)
+    namespace = models.CharField(max_length=29, unique=True, editable=False)
+    engines = models.ManyToManyField(Engine, related_name="projects", blank=True)
+    default_engine = models.ForeignKey(Engine, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = ProjectQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def webhook_secret(self) -> str:
+        return decrypt(self.webhook_secret_encrypted)
+
+    @property
+    def inputs_bucket(self) -> str:
+        return f"{self.namespace}-inputs"
+
+    @property
+    def outputs_bucket(self) -> str:
+        return f"{self.namespace}-outputs"
+
+    def commit_url(self, sha: str) -> str:
+        if not self.repo_web_url or not sha:
+            return ""
+        base = self.repo_web_url.rstrip("/")
+        # GitLab puts commits under /-/commit/, GitHub and most others under /commit/.
+        return f"{base}/-/commit/{sha}" if "gitlab" in base else f"{base}/commit/{sha}"
+
+
+def new_namespace(slug: str) -> str:
+    return f"{slug[:12]}-{secrets.token_hex(8)}"
+
+
+class Membership(models.Model):
+    class Role(models.TextChoices):
+        MEMBER = "member", "Member"
+        ADMIN = "admin", "Admin"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=8, choices=Role.choices, default=Role.MEMBER)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "project"], name="one_membership_per_user_project")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.project} ({self.role})"
+
+
+class ProjectVariable(models.Model):
+    class Kind(models.TextChoices):
+        RUNTIME = "runtime", "Runtime"
+        BUILD = "build", "Build-time"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="variables")
+    name = models.CharField(max_length=128, validators=[RegexValidator(r"^[A-Za-z_][A-Za-z0-9_]*$")])
+    kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.RUNTIME)
+    sensitive = models.BooleanField(default=False)
+    # Sensitive values are stored encrypted and never rendered again; others in plain text.
+    value = models.TextField(blank=True)
+    value_encrypted = models.TextField(blank=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["project", "name", "kind"], name="one_variable_per_name_kind")]
+
+    def plain_value(self) -> str:
+        return decrypt(self.value_encrypted) if self.sensitive else self.value
+
+
+class ApiTokenQuerySet(models.QuerySet):
+    def active(self) -> "ApiTokenQuerySet":
+        now = timezone.now()
+        return self.filter(revoked_at__isnull=True).filter(
+            models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=now)
+        )
+
+
+class ApiToken(models.Model):
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    # Only a SHA-256 digest is kept: tokens are long random strings, so a fast hash is safe.
+    digest = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=12)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiTokenQuerySet.as_manager()
+
+    @staticmethod
+    def digest_of(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+
+class PersistentVolumeClaim(models.Model):
+    class AccessMode(models.TextChoices):
+        RWO = "ReadWriteOnce", "ReadWriteOnce"
+        RWX = "ReadWriteMany", "ReadWriteMany"
+        ROX = "ReadOnlyMany", "ReadOnlyMany"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="pvcs")
+    engine = models.ForeignKey(Engine, on_delete=models.CASCADE, related_name="pvcs")
+    name = models.CharField(
+        max_length=64,
+        validators=[RegexValidator(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "lowercase letters, digits and -")],
+    )
+    size_mib = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    storage_class = models.CharField(max_length=128, blank=True)
+    access_mode = models.CharField(max_length=16, choices=AccessMode.choices, default=AccessMode.RWO)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["project", "name"], name="one_pvc_name_per_project")]

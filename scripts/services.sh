@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# What the test suite needs on this machine: a Docker Engine (installed and started when we are
+# root and none runs), busybox-static for the tiny test image, git, and Chromium for browser tests.
+set -euo pipefail
+
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v busybox >/dev/null || need+=(busybox-static)
+command -v git >/dev/null || need+=(git)
+command -v chromium >/dev/null || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing ${need[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "missing ${need[*]}: tests that need them will skip (install them as root)" >&2
+  fi
+fi
+
+if ! docker info >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v dockerd >/dev/null; then
+  echo "starting dockerd"
+  mkdir -p /var/log
+  # No bridge network: containers use the host network (or none).
+  nohup dockerd --bridge=none --iptables=false >/var/log/aichor-dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/aichor-dockerd.log" >&2; exit 1; }
+fi

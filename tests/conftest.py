@@ -1,0 +1,246 @@
+"""Shared fixtures: personas (admin, member, outsider), projects, a real Git repository, a
+real Docker Engine with a tiny local image, and an in-process Celery worker."""
+
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+CI = os.environ.get("CI", "").lower() == "true"
+TEST_IMAGE = "aichor-test/busybox:latest"
+
+
+def unavailable(reason: str) -> None:
+    """Skip on a laptop without the component; with CI=true a missing component fails."""
+    if CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.1, message: str = "condition"):
+    """Poll a condition the system under test must reach (not a sleep: returns as soon as true)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+def pytest_configure(config):
+    from django.conf import settings
+
+    # Each run gets its own scratch folders (work dirs, local engine, buckets).
+    data = Path(tempfile.mkdtemp(prefix="aichor-test-"))
+    settings.WORK_DIR = data / "work"
+    settings.LOCAL_ENGINE_DIR = data / "local-engine"
+    settings.BUCKETS_ROOT = data / "buckets"
+    settings.MEDIA_ROOT = data / "media"
+    settings.WATCH_POLL_SECONDS = 0.1
+    # Worker threads must not keep connections open past a test: the test database is
+    # flushed or dropped behind them.
+    settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _celery_memory_broker():
+    from aichor.celery import app
+
+    # Tests never touch the embedded filesystem broker; a test wanting a worker starts one.
+    app.conf.broker_url = "memory://"
+    app.conf.broker_transport_options = {}
+    yield
+
+
+@pytest.fixture
+def admin_user(django_user_model):
+    return django_user_model.objects.create_user("admin@example.com", "admin@example.com", "pw-admin-123")
+
+
+@pytest.fixture
+def member_user(django_user_model):
+    return django_user_model.objects.create_user("member@example.com", "member@example.com", "pw-member-123")
+
+
+@pytest.fixture
+def outsider_user(django_user_model):
+    return django_user_model.objects.create_user("outsider@example.com", "outsider@example.com", "pw-out-123")
+
+
+@pytest.fixture
+def local_engine(db):
+    from projects.models import Engine
+
+    return Engine.objects.create(name="local", kind=Engine.Kind.LOCAL)
+
+
+@pytest.fixture
+def docker_engine(db, docker_client):
+    from projects.models import Engine
+
+    return Engine.objects.create(name="docker", kind=Engine.Kind.DOCKER)
+
+
+class GitRepo:
+    """A bare repository reachable by file:// and a working copy to commit into."""
+
+    def __init__(self, root: Path) -> None:
+        self.bare = root / "origin.git"
+        self.work = root / "work"
+        self._git("init", "-q", "--bare", "-b", "main", str(self.bare), cwd=root)
+        self._git("clone", "-q", str(self.bare), str(self.work), cwd=root)
+        self._git("config", "user.email", "researcher@example.com")
+        self._git("config", "user.name", "Researcher")
+        self._git("checkout", "-q", "-b", "main")
+
+    @property
+    def url(self) -> str:
+        return f"file://{self.bare}"
+
+    def _git(self, *args, cwd=None) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=cwd or self.work, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    def commit(self, files: dict[str, str], message: str, branch: str = "main") -> str:
+        for name, content in files.items():
+            path = self.work / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+        self._git("add", "-A")
+        self._git("commit", "-q", "--allow-empty", "-m", message)
+        self._git("push", "-q", "origin", f"HEAD:{branch}")
+        return self._git("rev-parse", "HEAD")
+
+
+@pytest.fixture
+def git_repo(tmp_path) -> GitRepo:
+    return GitRepo(tmp_path)
+
+
+@pytest.fixture
+def project(db, admin_user, member_user, local_engine, git_repo):
+    from projects.services import create_project
+
+    return create_project(
+        name="Vision",
+        slug="vision",
+        repo_clone_url=git_repo.url,
+        repo_web_url="https://github.com/acme/vision",
+        engines=[local_engine],
+        default_engine=local_engine,
+        admins=[admin_user],
+        members=[member_user],
+        webhook_secret="s3cret-webhook",
+    )
+
+
+def manifest_yaml(
+    command: str, *, operator: str = "batch", types: str | None = None, extra_spec: str = "", builder_extra: str = ""
+) -> str:
+    types = types or "    worker:\n      count: 1\n      resources:\n        cpus: 1\n        ramRatio: 1\n"
+    return (
+        "kind: AIchorManifest\napiVersion: 0.2.3\n"
+        f"builder:\n  image: demo\n  dockerfile: ./Dockerfile\n  context: .\n{builder_extra}"
+        f"spec:\n  operator: {operator}\n  image: demo\n  command: {json.dumps(command)}\n{extra_spec}"
+        f"  types:\n{types}"
+    )
+
+
+def github_push(
+    client,
+    project,
+    *,
+    sha: str,
+    message: str,
+    delivery: str | None = None,
+    secret: str = "s3cret-webhook",
+    branch: str = "main",
+):
+    body = json.dumps(
+        {
+            "ref": f"refs/heads/{branch}",
+            "after": sha,
+            "head_commit": {
+                "id": sha,
+                "message": message,
+                "author": {"email": "researcher@example.com", "username": "researcher"},
+            },
+            "repository": {"clone_url": project.repo_clone_url},
+        }
+    ).encode()
+    signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return client.post(
+        f"/webhooks/github/{project.slug}/",
+        data=body,
+        content_type="application/json",
+        headers={
+            "X-GitHub-Event": "push",
+            "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+            "X-Hub-Signature-256": signature,
+        },
+    )
+
+
+# --- Docker -------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def docker_client():
+    try:
+        import docker
+
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except Exception as exc:  # no socket, no daemon, no permission
+        unavailable(f"no Docker Engine reachable: {exc}")
+    ensure_test_image(client)
+    return client
+
+
+def ensure_test_image(client) -> None:
+    """A busybox image made locally: no registry is reachable."""
+    from docker.errors import ImageNotFound
+
+    try:
+        client.images.get(TEST_IMAGE)
+        return
+    except ImageNotFound:
+        pass
+    busybox = shutil.which("busybox")
+    if not busybox:
+        unavailable("busybox-static is not installed (apt-get install busybox-static)")
+    with tempfile.TemporaryDirectory() as root:
+        bin_dir = Path(root, "bin")
+        bin_dir.mkdir()
+        shutil.copy(busybox, bin_dir / "busybox")
+        subprocess.run([str(bin_dir / "busybox"), "--install", "-s", str(bin_dir)], check=True)
+        for d in ("tmp", "etc", "root", "proc", "sys", "dev"):
+            Path(root, d).mkdir(exist_ok=True)
+        Path(root, "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        tar = subprocess.run(["tar", "-C", root, "-c", "."], check=True, capture_output=True).stdout
+        subprocess.run(["docker", "import", "-", TEST_IMAGE], input=tar, check=True, capture_output=True)
+
+
+def containers_of(client, experiment_id) -> list:
+    return client.containers.list(all=True, filters={"label": f"aichor.experiment={experiment_id}"})
+
+
+# --- Celery -------------------------------------------------------------------------------
+@pytest.fixture
+def celery_worker_thread(transactional_db):
+    """A real Celery worker in this process (threads pool, in-memory broker): the pipeline runs
+    concurrently with the test, as it would in production."""
+    from celery.contrib.testing.worker import start_worker
+
+    from aichor.celery import app
+
+    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30):
+        yield

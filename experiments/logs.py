@@ -1,6 +1,7 @@
 """Append-only logs kept in LogChunk rows, so they survive the containers and stay out of the
 experiment row. One writer per stream (the task that owns the step or the process)."""
 
+import threading
 import time
 
 from django.db import IntegrityError, transaction
@@ -19,6 +20,8 @@ class LogWriter:
         self._buffer: list[str] = []
         self._size = 0
         self._last_flush = time.monotonic()
+        # A build streams from a reader thread while the step's loop flushes on a timer.
+        self._lock = threading.RLock()
         self._load_position()
 
     def _load_position(self) -> None:
@@ -31,8 +34,13 @@ class LogWriter:
     def write(self, text: str) -> None:
         if not text:
             return
-        self._buffer.append(text)
-        self._size += len(text)
+        with self._lock:
+            self._buffer.append(text)
+            self._size += len(text)
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Called on writes and by loops waiting on silent work, so readers see output promptly."""
         if self._size >= FLUSH_BYTES or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
             self.flush()
 
@@ -40,6 +48,10 @@ class LogWriter:
         self.write(text if text.endswith("\n") else text + "\n")
 
     def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         self._last_flush = time.monotonic()
         if not self._buffer:
             return

@@ -269,7 +269,7 @@ def _build(experiment: Experiment, writer: LogWriter, cancelled: Liveness) -> st
         target=builder["target"],
         secrets=secrets,
         log=writer.write,
-        cancelled=cancelled,
+        cancelled=lambda: writer.flush_if_due() or cancelled(),
     )
 
 
@@ -306,12 +306,28 @@ def bucket_dirs(experiment: Experiment) -> tuple[Path, Path]:
 def workload_env(
     experiment: Experiment, *, in_container: bool, writer: LogWriter
 ) -> tuple[dict[str, str], list[Mount]]:
-    inputs, outputs = bucket_dirs(experiment)
-    if in_container:
-        mounts = [Mount(str(inputs), "/mnt/aichor/inputs"), Mount(str(outputs), "/mnt/aichor/outputs")]
-        in_path, out_root = "/mnt/aichor/inputs/", "/mnt/aichor/outputs/"
+    from datasets.storage import is_s3
+
+    storage_env: dict[str, str] = {}
+    if is_s3():
+        # Object storage: the workload talks S3 itself (boto3, aws CLI, fsspec all read these).
+        project = experiment.project
+        mounts, in_path, out_root = [], f"s3://{project.inputs_bucket}/", f"s3://{project.outputs_bucket}/"
+        endpoint = settings.AICHOR_S3_ENDPOINT or f"https://s3.{settings.AICHOR_S3_REGION}.amazonaws.com"
+        storage_env = {
+            "S3_ENDPOINT": endpoint,
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": settings.AICHOR_S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": settings.AICHOR_S3_SECRET_KEY,
+            "AWS_DEFAULT_REGION": settings.AICHOR_S3_REGION,
+        }
     else:
-        mounts, in_path, out_root = [], f"{inputs}/", f"{outputs}/"
+        inputs, outputs = bucket_dirs(experiment)
+        if in_container:
+            mounts = [Mount(str(inputs), "/mnt/aichor/inputs"), Mount(str(outputs), "/mnt/aichor/outputs")]
+            in_path, out_root = "/mnt/aichor/inputs/", "/mnt/aichor/outputs/"
+        else:
+            mounts, in_path, out_root = [], f"{inputs}/", f"{outputs}/"
     env: dict[str, str] = {}
     for var in experiment.project.variables.filter(kind=ProjectVariable.Kind.RUNTIME):
         env[var.name] = var.plain_value()
@@ -329,6 +345,7 @@ def workload_env(
             "AICHOR_PROJECT_ID": str(experiment.project_id),
             "AICHOR_EXPERIMENT_MESSAGE": experiment.message,
             "VCS_SHA": experiment.commit_sha,
+            **storage_env,
         }
     )
     return env, mounts
@@ -454,10 +471,19 @@ def _finish(experiment: Experiment, engine, handle: dict, states) -> None:
     ok, exit_code, reason = _outcome(handle, states) or (False, None, "the workload stopped reporting")
     outcome = StepStatus.SUCCEEDED if ok else StepStatus.FAILED
     services.begin_step(experiment.pk, StepName.COMPLETED, previous_outcome=outcome, reason=reason)
+    hold = None if ok else ((experiment.manifest or {}).get("spec", {}).get("debug") or {}).get("holdOnFailure")
     if handle_processes(handle):
-        if not ok:
+        if not ok and not hold:
             engine.cancel(handle)  # fail fast: the other ranks would wait for the dead one forever
         _collect_logs(engine, experiment.pk, handle, final=True)
+        if hold:
+            # After the final logs: the held handle points at keep-alive siblings with no output.
+            try:
+                handle = engine.hold(handle, hold)
+            except EngineError as exc:
+                services.step_log(experiment.pk, StepName.COMPLETED, f"debug hold not possible: {exc}")
+                hold = None
+                engine.cancel(handle)
         services.set_fields(experiment.pk, handle=handle)
     services.step_log(experiment.pk, StepName.COMPLETED, "logs collected" + (f"; {reason}" if reason else ""))
     if ok:
@@ -466,14 +492,16 @@ def _finish(experiment: Experiment, engine, handle: dict, states) -> None:
         services.finish_experiment(
             experiment.pk, "Failed", reason=reason, exit_code=exit_code, step_status=StepStatus.SUCCEEDED
         )
+        if hold and services.hold_for_debugging(experiment.pk, hold):
+            services.step_log(experiment.pk, StepName.COMPLETED, f"spec.debug.holdOnFailure: processes kept {hold} s")
     stop(experiment.pk)
 
 
 def stop(experiment_id) -> None:
     """Remove what an ended experiment left on its engine, and its scratch folder."""
     experiment = Experiment.objects.select_related("engine").filter(pk=experiment_id).first()
-    if not experiment or not experiment.is_terminal:
-        return
+    if not experiment or not experiment.is_terminal or services.is_held(experiment):
+        return  # a held experiment is stopped again by release_hold
     try:
         engine = get_engine(experiment.engine)
         handle = experiment.handle or engine.find(str(experiment.pk))
@@ -509,6 +537,8 @@ def reconcile(stale_seconds: float | None = None) -> list[str]:
         services.record_action(experiment.pk, f"reconcile resumed {experiment.current_step}")
         _next(RESUME[experiment.current_step], experiment.pk)
         moved.append(str(experiment.pk))
+    for experiment in services.expired_holds().only("id"):
+        services.release_hold(experiment.pk, reason="debug hold expired")
     return moved
 
 

@@ -49,6 +49,10 @@ def pytest_configure(config):
     # Worker threads must not keep connections open past a test: the test database is
     # flushed or dropped behind them.
     settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+    if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+        # A file, not SQLite's shared in-memory database: worker threads would hit table
+        # locks there; a file with WAL and a busy timeout behaves like production.
+        settings.DATABASES["default"].setdefault("TEST", {})["NAME"] = str(data / "test.sqlite3")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -221,7 +225,10 @@ def ensure_test_image(client) -> None:
         bin_dir = Path(root, "bin")
         bin_dir.mkdir()
         shutil.copy(busybox, bin_dir / "busybox")
-        subprocess.run([str(bin_dir / "busybox"), "--install", "-s", str(bin_dir)], check=True)
+        applets = subprocess.run([busybox, "--list"], check=True, capture_output=True, text=True).stdout.split()
+        for applet in applets:
+            if applet != "busybox":
+                (bin_dir / applet).symlink_to("busybox")  # relative: valid inside the image
         for d in ("tmp", "etc", "root", "proc", "sys", "dev"):
             Path(root, d).mkdir(exist_ok=True)
         Path(root, "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")

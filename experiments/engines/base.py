@@ -109,6 +109,11 @@ class Engine:
     def exec(self, handle: dict, process: str, *, command: list[str], tty: bool = True) -> ExecSession:
         raise NotImplementedError
 
+    def hold(self, handle: dict, seconds: float) -> dict:
+        """Debug hold: keep a failed experiment's processes, exited ones included, reachable by
+        exec for `seconds`; returns the handle to use meanwhile (cleanup removes it all)."""
+        raise EngineError(f"the {self.kind} engine cannot hold failed processes for debugging")
+
     def cancel(self, handle: dict) -> None:
         """Stop every process now."""
         raise NotImplementedError

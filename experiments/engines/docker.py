@@ -15,6 +15,7 @@ from experiments.engines.base import Cancelled, Engine, EngineError, ExecSession
 
 LABEL = "aichor.experiment"
 PROCESS_LABEL = "aichor.process"
+HOLD_LABEL = "aichor.hold"  # containers and images made for a debug hold
 
 
 def parse_ts_ns(stamp: str) -> int:
@@ -32,13 +33,14 @@ class DockerEngine(Engine):
         self._client: docker.DockerClient | None = None
 
     @property
+    def base_url(self) -> str:
+        return self.config.get("docker_host") or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+    @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
-            base_url = self.config.get("docker_host") or os.environ.get("DOCKER_HOST")
             try:
-                self._client = (
-                    docker.DockerClient(base_url=base_url, timeout=120) if base_url else docker.from_env(timeout=120)
-                )
+                self._client = docker.DockerClient(base_url=self.base_url, timeout=120)
             except DockerException as exc:
                 raise EngineError(f"cannot reach the Docker Engine: {exc}") from None
         return self._client
@@ -48,7 +50,7 @@ class DockerEngine(Engine):
         if secrets:
             # The classic builder has no secret mounts; refusing beats leaking them into layers.
             raise EngineError("build secrets need BuildKit, which this Docker engine's builder lacks")
-        api = docker.APIClient(base_url=self.client.api.base_url, version=self.client.api.api_version, timeout=None)
+        api = docker.APIClient(base_url=self.base_url, version=self.client.api.api_version, timeout=None)
         stream = api.build(
             path=context_dir,
             dockerfile=dockerfile,
@@ -242,11 +244,80 @@ class DockerEngine(Engine):
             except (NotFound, APIError):
                 pass  # already gone or already stopped
 
+    def hold(self, handle: dict, seconds: float) -> dict:
+        """An exited container cannot be exec'd into, and restarting it would rerun the workload.
+        So each exited process's container is committed to a temporary image (its files as the
+        process left them) and a sibling is started from it with the same environment, mounts,
+        working directory and labels, running only `sleep` for the hold; the sibling takes the
+        process's place in the handle, so the terminal opens "in the failed container". Processes
+        still running are kept as they are. The sleep ends the sibling on its own should every
+        cleanup path be lost; images and originals are listed in the handle for cleanup."""
+        held = {**handle, "containers": dict(handle.get("containers", {}))}
+        originals, images = list(handle.get("held_originals", [])), list(handle.get("hold_images", []))
+        try:
+            for name, cid in handle.get("containers", {}).items():
+                try:
+                    container = self.client.containers.get(cid)
+                except NotFound:
+                    continue
+                if container.status not in ("exited", "dead"):
+                    continue
+                experiment_id = container.labels.get(LABEL, "")
+                image = container.commit(
+                    repository=f"aichor-hold/{experiment_id[:8]}-{name}",
+                    tag=os.urandom(3).hex(),
+                    changes=[f"LABEL {HOLD_LABEL}={experiment_id}"],
+                )
+                images.append(image.id)
+                config = container.attrs["Config"]
+                sibling = self.client.containers.create(
+                    image.id,
+                    entrypoint=["sleep"],
+                    command=[str(int(seconds) + 60)],
+                    name=f"aichor-{experiment_id[:8]}-{name}-held-{os.urandom(2).hex()}",
+                    labels={LABEL: experiment_id, PROCESS_LABEL: name, HOLD_LABEL: experiment_id},
+                    environment=config.get("Env") or [],
+                    working_dir=config.get("WorkingDir") or None,
+                    network_mode="host",
+                    mounts=[
+                        DockerMount(m["Destination"], m["Source"], type="bind", read_only=not m.get("RW", True))
+                        for m in container.attrs.get("Mounts") or []
+                        if m.get("Type") == "bind"
+                    ],
+                    detach=True,
+                )
+                sibling.start()
+                originals.append(cid)
+                held["containers"][name] = sibling.id
+        except (APIError, DockerException) as exc:
+            self.cleanup({"containers": {}, "held_originals": [], "hold_images": images})
+            raise EngineError(f"could not hold the failed containers: {_explain(exc)}") from None
+        held["held_originals"], held["hold_images"] = originals, images
+        return held
+
     def cleanup(self, handle: dict) -> None:
-        for cid in handle.get("containers", {}).values():
+        for cid in [*handle.get("containers", {}).values(), *handle.get("held_originals", [])]:
             try:
                 self.client.api.remove_container(cid, force=True)
             except NotFound:
+                pass
+        for image in handle.get("hold_images", []):
+            try:
+                self.client.api.remove_image(image, force=True)
+            except (NotFound, APIError):
+                pass  # gone already, or still used by a container a racing cleanup removes
+
+    def cleanup_experiment(self, experiment_id: str) -> None:
+        # Every labelled container, not find()'s one-per-process view: a held process has two.
+        for container in self._containers(experiment_id):
+            try:
+                container.remove(force=True)
+            except NotFound:
+                pass
+        for image in self.client.images.list(filters={"label": f"{HOLD_LABEL}={experiment_id}"}):
+            try:
+                self.client.api.remove_image(image.id, force=True)
+            except (NotFound, APIError):
                 pass
 
 

@@ -1,0 +1,155 @@
+"""The pipeline on a real Docker Engine: real image builds, real containers."""
+
+import uuid
+
+import pytest
+
+from experiments import logs
+from experiments.models import Experiment, Status, StepName, StepStatus
+from experiments.services import cancel_experiment
+from projects.services import create_project
+from tests.conftest import TEST_IMAGE, containers_of, github_push, manifest_yaml, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
+
+DOCKERFILE = f"FROM {TEST_IMAGE}\nWORKDIR /app\nCOPY . /app\n"
+
+
+@pytest.fixture
+def docker_project(docker_engine, admin_user, member_user, git_repo):
+    return create_project(
+        name="Docker",
+        slug="dock",
+        repo_clone_url=git_repo.url,
+        engines=[docker_engine],
+        admins=[admin_user],
+        members=[member_user],
+        webhook_secret="s3cret-webhook",
+    )
+
+
+def push(client, project, git_repo, command: str, *, dockerfile: str = DOCKERFILE, **manifest_kwargs) -> str:
+    message = "aichor[train.yaml]: docker run"
+    sha = git_repo.commit(
+        {"aichor_manifests/train.yaml": manifest_yaml(command, **manifest_kwargs), "Dockerfile": dockerfile}, message
+    )
+    response = github_push(client, project, sha=sha, message=message)
+    assert response.status_code == 201, response.content
+    return response.json()["experiment"]
+
+
+def ended(experiment_id, timeout: float = 120) -> Experiment:
+    return wait_for(
+        lambda: Experiment.objects.filter(
+            pk=experiment_id, status__in=[Status.SUCCEEDED, Status.FAILED, Status.CANCELLED]
+        ).first(),
+        timeout=timeout,
+        message="the experiment to end",
+    )
+
+
+def test_push_builds_image_and_runs_container_with_aichor_env(
+    client, docker_project, git_repo, docker_client, celery_worker_thread
+):
+    experiment_id = push(client, docker_project, git_repo, "env | sort; ls /app/Dockerfile")
+    experiment = ended(experiment_id)
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    output = logs.log_text(experiment.pk, "process:worker-0")
+    assert f"AICHOR_EXPERIMENT_ID={experiment.pk}" in output
+    assert f"AICHOR_PROJECT_ID={docker_project.pk}" in output
+    assert f"AICHOR_OUTPUT_PATH=/mnt/aichor/outputs/output/{experiment.pk}/" in output
+    assert "AICHOR_INPUT_PATH=/mnt/aichor/inputs/" in output
+    assert "AICHOR_EXPERIMENT_MESSAGE=aichor[train.yaml]: docker run" in output
+    assert f"VCS_SHA={experiment.commit_sha}" in output
+    assert "/app/Dockerfile" in output  # the code was cloned into the image
+    assert "Step 1/3" in logs.log_text(experiment.pk, "step:Building")
+    assert docker_client.images.get(experiment.image)
+    assert containers_of(docker_client, experiment.pk) == []  # removed once logs were kept
+
+
+def test_broken_dockerfile_fails_at_building_with_the_error(
+    client, docker_project, git_repo, docker_client, celery_worker_thread
+):
+    experiment_id = push(client, docker_project, git_repo, "true", dockerfile=f"FROM {TEST_IMAGE}\nRUN exit 7\n")
+    experiment = ended(experiment_id)
+    assert experiment.status == Status.FAILED
+    assert experiment.current_step == StepName.BUILDING
+    assert experiment.steps.get(name=StepName.BUILDING).status == StepStatus.FAILED
+    build_log = logs.log_text(experiment.pk, "step:Building")
+    assert "returned a non-zero code: 7" in build_log
+    assert "Build failed" in experiment.failure_reason
+
+
+def test_workload_exit_code_fails_experiment(client, docker_project, git_repo, docker_client, celery_worker_thread):
+    experiment = ended(push(client, docker_project, git_repo, "echo bad data >&2; exit 3"))
+    assert experiment.status == Status.FAILED
+    assert experiment.exit_code == 3
+    assert "bad data" in logs.log_text(experiment.pk, "process:worker-0")
+    assert containers_of(docker_client, experiment.pk) == []
+
+
+def test_pytorch_three_workers_get_ranks_and_one_master(
+    client, docker_project, git_repo, docker_client, celery_worker_thread
+):
+    types = "    worker:\n      count: 3\n      resources:\n        cpus: 1\n        memory: 1\n"
+    experiment = ended(
+        push(
+            client,
+            docker_project,
+            git_repo,
+            "echo rank=$RANK world=$WORLD_SIZE master=$MASTER_ADDR:$MASTER_PORT",
+            operator="pytorch",
+            types=types,
+        )
+    )
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    seen = {}
+    for i in range(3):
+        line = logs.log_text(experiment.pk, f"process:worker-{i}").strip()
+        fields = dict(part.split("=", 1) for part in line.split())
+        seen[fields["rank"]] = fields
+    assert sorted(seen) == ["0", "1", "2"]
+    assert {f["world"] for f in seen.values()} == {"3"}
+    masters = {f["master"] for f in seen.values()}
+    assert len(masters) == 1 and masters.pop().startswith("127.0.0.1:")
+
+
+def test_cancel_while_running_removes_containers_and_starts_nothing(
+    client, docker_project, git_repo, docker_client, member_user, celery_worker_thread
+):
+    experiment_id = push(client, docker_project, git_repo, "echo started; sleep 300")
+    wait_for(
+        lambda: Experiment.objects.filter(pk=experiment_id, current_step=StepName.RUNNING).exists(),
+        timeout=120,
+        message="Running",
+    )
+    wait_for(lambda: containers_of(docker_client, experiment_id), message="the container")
+    cancel_experiment(Experiment.objects.get(pk=experiment_id), actor=member_user)
+    experiment = Experiment.objects.get(pk=experiment_id)
+    assert experiment.status == Status.CANCELLED
+    wait_for(lambda: containers_of(docker_client, experiment_id) == [], timeout=30, message="containers removed")
+    steps = {s.name: s.status for s in experiment.steps.all()}
+    assert steps[StepName.RUNNING] == StepStatus.CANCELLED
+    assert steps[StepName.COMPLETED] == StepStatus.CANCELLED
+
+
+def test_cancel_while_building_stops_the_build(
+    client, docker_project, git_repo, docker_client, member_user, celery_worker_thread
+):
+    marker = f"building-{uuid.uuid4().hex}"
+
+    def build_containers():
+        return [c for c in docker_client.api.containers(all=True) if marker in c["Command"]]
+
+    dockerfile = f"FROM {TEST_IMAGE}\nRUN echo {marker} && sleep 120\n"
+    experiment_id = push(client, docker_project, git_repo, "echo never", dockerfile=dockerfile)
+    wait_for(build_containers, timeout=60, message="the build to run")
+    cancel_experiment(Experiment.objects.get(pk=experiment_id), actor=member_user)
+    # The build container goes away with the aborted build; nothing is submitted afterwards.
+    wait_for(lambda: not build_containers(), timeout=30, message="build container removed")
+    experiment = Experiment.objects.get(pk=experiment_id)
+    assert experiment.status == Status.CANCELLED
+    assert experiment.steps.get(name=StepName.BUILDING).status == StepStatus.CANCELLED
+    assert experiment.steps.get(name=StepName.SUBMITTING).status == StepStatus.CANCELLED
+    assert containers_of(docker_client, experiment_id) == []
+    assert not experiment.image

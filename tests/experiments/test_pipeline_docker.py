@@ -30,9 +30,10 @@ def docker_project(docker_engine, admin_user, member_user, git_repo):
 
 def push(client, project, git_repo, command: str, *, dockerfile: str = DOCKERFILE, **manifest_kwargs) -> str:
     message = "aichor[train.yaml]: docker run"
-    sha = git_repo.commit(
-        {"aichor_manifests/train.yaml": manifest_yaml(command, **manifest_kwargs), "Dockerfile": dockerfile}, message
-    )
+    files = {"aichor_manifests/train.yaml": manifest_yaml(command, **manifest_kwargs), "Dockerfile": dockerfile}
+    # Fresh content per test: identical code would (rightly) reuse an image built earlier.
+    files["nonce.txt"] = uuid.uuid4().hex
+    sha = git_repo.commit(files, message)
     response = github_push(client, project, sha=sha, message=message)
     assert response.status_code == 201, response.content
     return response.json()["experiment"]
@@ -62,9 +63,9 @@ def test_push_builds_image_and_runs_container_with_aichor_env(
     assert "AICHOR_EXPERIMENT_MESSAGE=aichor[train.yaml]: docker run" in output
     assert f"VCS_SHA={experiment.commit_sha}" in output
     assert "/app/Dockerfile" in output  # the code was cloned into the image
-    assert "Step 1/3" in logs.log_text(experiment.pk, "step:Building")
+    assert "Successfully built" in logs.log_text(experiment.pk, "step:Building")
     assert docker_client.images.get(experiment.image)
-    assert containers_of(docker_client, experiment.pk) == []  # removed once logs were kept
+    wait_for(lambda: containers_of(docker_client, experiment.pk) == [], timeout=30, message="containers removed")
 
 
 def test_broken_dockerfile_fails_at_building_with_the_error(
@@ -85,7 +86,7 @@ def test_workload_exit_code_fails_experiment(client, docker_project, git_repo, d
     assert experiment.status == Status.FAILED
     assert experiment.exit_code == 3
     assert "bad data" in logs.log_text(experiment.pk, "process:worker-0")
-    assert containers_of(docker_client, experiment.pk) == []
+    wait_for(lambda: containers_of(docker_client, experiment.pk) == [], timeout=30, message="containers removed")
 
 
 def test_pytorch_three_workers_get_ranks_and_one_master(
@@ -153,3 +154,30 @@ def test_cancel_while_building_stops_the_build(
     assert experiment.steps.get(name=StepName.SUBMITTING).status == StepStatus.CANCELLED
     assert containers_of(docker_client, experiment_id) == []
     assert not experiment.image
+
+
+def test_gitlab_push_runs_to_success(client, docker_project, git_repo, docker_client, celery_worker_thread):
+    from tests.experiments.test_webhooks import gitlab_push
+
+    message = "aichor(train.yaml): from gitlab"
+    sha = git_repo.commit(
+        {"aichor_manifests/train.yaml": manifest_yaml("echo gitlab-$AICHOR_EXPERIMENT_ID"), "Dockerfile": DOCKERFILE},
+        message,
+    )
+    response = gitlab_push(client, docker_project, sha=sha, message=message)
+    assert response.status_code == 201, response.content
+    experiment = ended(response.json()["experiment"])
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    assert f"gitlab-{experiment.pk}" in logs.log_text(experiment.pk, "process:worker-0")
+
+
+def test_identical_code_reuses_the_built_image(client, docker_project, git_repo, docker_client, celery_worker_thread):
+    first = ended(push(client, docker_project, git_repo, "echo first"))
+    assert first.status == Status.SUCCEEDED, first.failure_reason
+    # A new commit with the same tree (only the message differs) needs no new build.
+    message = "aichor[train.yaml]: same code again"
+    sha = git_repo.commit({}, message)
+    second = ended(github_push(client, docker_project, sha=sha, message=message).json()["experiment"])
+    assert second.status == Status.SUCCEEDED, second.failure_reason
+    assert "reusing cached image" in logs.log_text(second.pk, "step:Building")
+    assert docker_client.images.get(second.image).id == docker_client.images.get(first.image).id

@@ -42,7 +42,7 @@ test: setup services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup services
-	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/aichor_bench} $(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py $(BENCH)
 
 lint: setup
 	$(BIN)/ruff check .

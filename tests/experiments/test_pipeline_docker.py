@@ -181,3 +181,29 @@ def test_identical_code_reuses_the_built_image(client, docker_project, git_repo,
     assert second.status == Status.SUCCEEDED, second.failure_reason
     assert "reusing cached image" in logs.log_text(second.pk, "step:Building")
     assert docker_client.images.get(second.image).id == docker_client.images.get(first.image).id
+
+
+def test_skip_build_reuses_another_experiments_image(
+    client, docker_project, git_repo, docker_client, celery_worker_thread
+):
+    first = ended(push(client, docker_project, git_repo, "echo built"))
+    assert first.status == Status.SUCCEEDED, first.failure_reason
+    skip = f"  skipBuild:\n    enabled: true\n    experimentID: {first.pk}\n    failIfNotFound: true\n"
+    # A Dockerfile that cannot build proves nothing was built.
+    second = ended(
+        push(client, docker_project, git_repo, "echo reused", builder_extra=skip, dockerfile="FROM nowhere/none\n")
+    )
+    assert second.status == Status.SUCCEEDED, second.failure_reason
+    assert second.image == first.image
+    assert "reusing the image of experiment" in logs.log_text(second.pk, "step:Building")
+    assert logs.log_text(second.pk, "process:worker-0") == "reused\n"
+
+
+def test_skip_build_of_unknown_experiment_fails_clearly(
+    client, docker_project, git_repo, docker_client, celery_worker_thread
+):
+    skip = f"  skipBuild:\n    enabled: true\n    experimentID: {uuid.uuid4()}\n    failIfNotFound: true\n"
+    experiment = ended(push(client, docker_project, git_repo, "true", builder_extra=skip))
+    assert experiment.status == Status.FAILED
+    assert experiment.current_step == StepName.BUILDING
+    assert "no image of experiment" in experiment.failure_reason

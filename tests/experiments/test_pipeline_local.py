@@ -68,3 +68,104 @@ def test_timeout_stops_the_workload(client, project, git_repo, celery_worker_thr
     experiment = push_and_wait(client, project, git_repo, "sleep 60", extra_spec='  timeout: "1s"\n')
     assert experiment.status == Status.FAILED
     assert "Timed out" in experiment.failure_reason
+
+
+def test_include_dot_git_and_depth_reach_the_workload(client, project, git_repo, celery_worker_thread):
+    git_repo.commit({"README": "first"}, "initial")
+    git_repo.commit({"README": "second"}, "second")
+    manifest = manifest_yaml("git log --format=%s | wc -l; git remote get-url origin").replace(
+        "spec:\n", "clone:\n  depth: 2\n  includeDotGit: true\nspec:\n", 1
+    )
+    message = "aichor[train.yaml]: with history"
+    sha = git_repo.commit({"aichor_manifests/train.yaml": manifest}, message)
+    response = github_push(client, project, sha=sha, message=message)
+    experiment = wait_for(
+        lambda: Experiment.objects.filter(pk=response.json()["experiment"], status__in=["Succeeded", "Failed"]).first()
+    )
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    lines = logs.log_text(experiment.pk, "process:worker-0").split()
+    assert lines[0] == "2"  # exactly the requested depth of history
+    assert lines[1] == git_repo.url
+
+
+def test_code_without_dot_git_by_default(client, project, git_repo, celery_worker_thread):
+    experiment = push_and_wait(client, project, git_repo, "test -d .git && echo has-git || echo no-git")
+    assert logs.log_text(experiment.pk, "process:worker-0").strip() == "no-git"
+
+
+def test_cancel_while_waiting_never_clones(project, member_user, git_repo):
+    # No worker runs: the experiment stays queued in Waiting, as behind a busy queue.
+    from experiments.services import cancel_experiment, create_experiment
+
+    experiment = create_experiment(
+        project=project, commit_sha="0" * 40, branch="main", manifest_path="aichor_manifests/x.yaml", author=member_user
+    )
+    cancel_experiment(experiment, actor=member_user)
+    experiment.refresh_from_db()
+    assert experiment.status == Status.CANCELLED
+    assert experiment.failure_reason == f"Cancelled by {member_user.username}"
+    steps = {s.name: s.status for s in experiment.steps.all()}
+    assert set(steps.values()) == {StepStatus.CANCELLED}
+    from experiments.pipeline import run_clone
+
+    run_clone(experiment.pk)  # a late task finds nothing to do
+    experiment.refresh_from_db()
+    assert experiment.current_step == StepName.WAITING
+    assert not logs.streams(experiment.pk)
+
+
+def test_cancelling_twice_is_refused_clearly(project, member_user):
+    from experiments.services import ExperimentError, cancel_experiment, create_experiment
+
+    experiment = create_experiment(project=project, commit_sha="0" * 40, manifest_path="manifest.yaml")
+    cancel_experiment(experiment, actor=member_user)
+    with pytest.raises(ExperimentError, match="nothing to cancel"):
+        cancel_experiment(experiment, actor=member_user)
+
+
+def test_resubmit_reruns_the_same_code_as_a_new_linked_experiment(
+    client, project, git_repo, member_user, celery_worker_thread
+):
+    from experiments.services import resubmit_experiment
+
+    original = push_and_wait(client, project, git_repo, "echo run $AICHOR_EXPERIMENT_ID")
+    again = resubmit_experiment(original, actor=member_user)
+    assert again.pk != original.pk
+    assert again.resubmitted_from == original
+    assert (again.commit_sha, again.manifest_path) == (original.commit_sha, original.manifest_path)
+    again = wait_for(lambda: Experiment.objects.filter(pk=again.pk, status__in=["Succeeded", "Failed"]).first())
+    assert again.status == Status.SUCCEEDED
+    assert f"run {again.pk}" in logs.log_text(again.pk, "process:worker-0")
+    assert original.events.filter(kind="action", reason__startswith="resubmitted as").exists()
+
+
+def test_resubmit_of_an_active_experiment_is_refused(project):
+    from experiments.services import ExperimentError, create_experiment, resubmit_experiment
+
+    experiment = create_experiment(project=project, commit_sha="0" * 40, manifest_path="manifest.yaml")
+    with pytest.raises(ExperimentError, match="still Created"):
+        resubmit_experiment(experiment)
+
+
+def test_reconcile_moves_on_an_experiment_whose_message_was_lost(project, git_repo, celery_worker_thread):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from aichor.celery import app
+    from experiments.pipeline import reconcile
+    from experiments.services import create_experiment
+
+    message = "aichor[train.yaml]: lost message"
+    sha = git_repo.commit({"aichor_manifests/train.yaml": manifest_yaml("echo recovered")}, message)
+    # The broker lost the clone message: purge it before the worker can take it.
+    with app.connection_for_write() as conn:
+        experiment = create_experiment(project=project, commit_sha=sha, manifest_path="aichor_manifests/train.yaml")
+        conn.default_channel.queue_purge("celery")
+    Experiment.objects.filter(pk=experiment.pk).update(heartbeat_at=timezone.now() - timedelta(minutes=10))
+    assert reconcile() == [str(experiment.pk)]
+    experiment = wait_for(
+        lambda: Experiment.objects.filter(pk=experiment.pk, status__in=["Succeeded", "Failed"]).first()
+    )
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    assert logs.log_text(experiment.pk, "process:worker-0") == "recovered\n"

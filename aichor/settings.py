@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_htmx",
+    "ninja",  # the API docs page served with its own Swagger files, not from a CDN
     "channels",
     "projects",
     "experiments",
@@ -115,6 +116,8 @@ if (BASE_DIR / "node_modules").exists():
 
 # --- Redis: Celery broker and Channels layer in production -------------------------------
 REDIS_URL = env_str("REDIS_URL")
+if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    raise ImproperlyConfigured(f"REDIS_URL={REDIS_URL!r} must start with redis://, rediss:// or unix://")
 
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
@@ -129,13 +132,14 @@ else:
     # kombu's filesystem transport: a broker that is just a folder, shared by the web server
     # and the worker on one host.
     _broker_dir = DATA_DIR / "broker"
-    for _sub in ("queue", "processed"):
+    for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_URL = "filesystem://"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
         # The worker polls the folder; a short interval keeps queue latency low.
         "polling_interval": 0.05,
@@ -170,6 +174,15 @@ BUILD_TIMEOUT_SECONDS = env_int("AICHOR_BUILD_TIMEOUT_SECONDS", 3600)
 MAX_ARCHIVE_BYTES = env_int("AICHOR_MAX_ARCHIVE_BYTES", 5 * 1024**3)
 DOCKER_HOST = env_str("DOCKER_HOST")
 
+# --- Terminal ----------------------------------------------------------------------------
+# Open shells per user across all experiments (counted from the session events, so every
+# server process sees the same count), the idle cut-off, and a hard cap on any one session.
+TERMINAL_MAX_SESSIONS_PER_USER = env_int("AICHOR_TERMINAL_MAX_SESSIONS_PER_USER", 4)
+TERMINAL_IDLE_SECONDS = env_float("AICHOR_TERMINAL_IDLE_SECONDS", 900.0)
+TERMINAL_MAX_SECONDS = env_float("AICHOR_TERMINAL_MAX_SECONDS", 4 * 3600.0)
+# How often an open terminal checks that its experiment is still Running (or held).
+TERMINAL_STATE_POLL_SECONDS = env_float("AICHOR_TERMINAL_STATE_POLL_SECONDS", 2.0)
+
 # --- Storage -----------------------------------------------------------------------------
 MEDIA_ROOT = DATA_DIR / "media"
 BUCKETS_ROOT = Path(env_str("AICHOR_BUCKETS_ROOT", str(DATA_DIR / "buckets")))
@@ -177,6 +190,22 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+
+# --- Storage backend (project buckets, datasets/) -----------------------------------------
+# "filesystem": every bucket is a folder under BUCKETS_ROOT (the embedded default; the docker
+# engine bind-mounts them). "s3": any S3-compatible server (AWS, GCS interop, MinIO, SeaweedFS).
+AICHOR_STORAGE = env_str("AICHOR_STORAGE", "filesystem")
+if AICHOR_STORAGE not in ("filesystem", "s3"):
+    raise ImproperlyConfigured(f"AICHOR_STORAGE={AICHOR_STORAGE!r}: use filesystem or s3")
+AICHOR_S3_ENDPOINT = env_str("AICHOR_S3_ENDPOINT")  # empty: AWS itself
+AICHOR_S3_REGION = env_str("AICHOR_S3_REGION", "us-east-1")
+AICHOR_S3_ACCESS_KEY = env_str("AICHOR_S3_ACCESS_KEY")
+AICHOR_S3_SECRET_KEY = env_str("AICHOR_S3_SECRET_KEY")
+AICHOR_S3_ADDRESSING_STYLE = env_str("AICHOR_S3_ADDRESSING_STYLE", "path")  # path | virtual | auto
+# Browser uploads arrive as parts of this size: the ASGI server holds a whole request body in
+# memory, so the part size bounds the server's memory per upload in flight.
+AICHOR_UPLOAD_PART_MB = env_int("AICHOR_UPLOAD_PART_MB", 8)
+AICHOR_DATASETS_PAGE_SIZE = env_int("AICHOR_DATASETS_PAGE_SIZE", 100)
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_SAMESITE = "Lax"

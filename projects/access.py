@@ -10,12 +10,14 @@ from projects.models import Membership, Project
 
 
 def get_project(user, slug: str, *, admin: bool = False) -> Project:
-    qs = Project.objects.for_user(user)
-    if admin and not user.is_superuser:
-        qs = qs.filter(memberships__role=Membership.Role.ADMIN)
     if user.is_authenticated and user.is_superuser:
         # Organisation admins see every project.
         qs = Project.objects.all()
+    elif admin:
+        # One filter() call: the user and the role must be the same membership row.
+        qs = Project.objects.filter(memberships__user=user, memberships__role=Membership.Role.ADMIN)
+    else:
+        qs = Project.objects.for_user(user)
     try:
         return qs.select_related("default_engine").distinct().get(slug=slug)
     except Project.DoesNotExist:

@@ -1,0 +1,207 @@
+"""Datasets benchmark: a 2 GB file up and down through the dashboard's endpoints (daphne, as
+`make run` serves them) against raw boto3 to the same SeaweedFS S3 server, in the same run; and
+the dashboard server's peak RSS.
+
+    .venv/bin/python bench/datasets.py [--size-mb 2048] [--parallel 3]
+
+Targets: dashboard throughput >= 0.8x boto3; server peak RSS <= 150 MB."""
+
+import argparse
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MiB = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_file(path: Path, size: int) -> None:
+    block = os.urandom(16 * MiB)
+    with path.open("wb") as fh:
+        written = 0
+        while written < size:
+            n = min(len(block), size - written)
+            fh.write(block[:n])
+            written += n
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0, True
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.02)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-mb", type=int, default=2048)
+    parser.add_argument("--parallel", type=int, default=3, help="parts in flight, as the browser uploader")
+    args = parser.parse_args()
+    size = args.size_mb * MiB
+
+    from tests.datasets.seaweed import start_s3_server
+
+    work = Path(tempfile.mkdtemp(prefix="aichor-bench-datasets-"))
+    s3 = start_s3_server(work / "weed")
+    env = {
+        **os.environ,
+        "AICHOR_DATA_DIR": str(work / "data"),
+        "DATABASE_URL": f"sqlite:///{work / 'bench.sqlite3'}",
+        "AICHOR_STORAGE": "s3",
+        "AICHOR_S3_ENDPOINT": s3.endpoint,
+        "AICHOR_S3_ACCESS_KEY": s3.access_key,
+        "AICHOR_S3_SECRET_KEY": s3.secret_key,
+        "AICHOR_S3_REGION": "us-east-1",
+        "AICHOR_LOG_LEVEL": "WARNING",
+        "DJANGO_SETTINGS_MODULE": "aichor.settings",
+    }
+    env.pop("REDIS_URL", None)
+    os.environ.update(env)
+    import django
+
+    django.setup()
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    from django.test import Client
+
+    from projects.services import create_project
+
+    call_command("migrate", verbosity=0)
+    user = get_user_model().objects.create_user("bench@example.com", "bench@example.com", "pw-bench-123")
+    project = create_project(name="Bench", slug="bench", admins=[user])
+    client = Client()
+    client.force_login(user)
+    session = client.cookies["sessionid"].value
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "daphne"), "-b", "127.0.0.1", "-p", str(port), "aichor.asgi:application"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "daphne.log", "wb"),  # noqa: SIM115
+    )
+    import requests
+
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            requests.get(base + "/login/", timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    csrf = secrets.token_hex(16)
+    http = requests.Session()
+    http.cookies.set("sessionid", session)
+    http.cookies.set("csrftoken", csrf)
+    http.headers["X-CSRFToken"] = csrf
+    http.mount("http://", requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=8))
+
+    source = work / "payload.bin"
+    print(f"writing a {args.size_mb} MiB test file ...", flush=True)
+    make_file(source, size)
+    boto = s3.client()
+    bucket = project.inputs_bucket
+    sampler = RssSampler(server.pid)
+    baseline = sampler.rss()
+    sampler.start()
+
+    # --- raw boto3 (its default transfer settings: 8 MiB parts, 10 threads)
+    t = time.monotonic()
+    boto.upload_file(str(source), bucket, "raw.bin")
+    boto_up = time.monotonic() - t
+    t = time.monotonic()
+    boto.download_file(bucket, "raw.bin", str(work / "raw.out"))
+    boto_down = time.monotonic() - t
+    (work / "raw.out").unlink()
+
+    # --- the dashboard's endpoints, used as the browser's uploader uses them
+    key = "dashboard.bin"
+    t = time.monotonic()
+    start = http.post(f"{base}/p/bench/datasets/uploads/start/", data={"bucket": "inputs", "key": key, "size": size})
+    start.raise_for_status()
+    info = start.json()
+
+    def send(number: int) -> None:
+        with source.open("rb") as fh:
+            fh.seek((number - 1) * info["part_size"])
+            data = fh.read(info["part_size"])
+        r = http.put(
+            f"{base}/p/bench/datasets/uploads/part/",
+            params={"bucket": "inputs", "key": key, "upload_id": info["upload_id"], "part": number},
+            data=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        r.raise_for_status()
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        list(pool.map(send, range(1, info["parts"] + 1)))
+    done = http.post(
+        f"{base}/p/bench/datasets/uploads/complete/",
+        data={"bucket": "inputs", "key": key, "upload_id": info["upload_id"], "size": size},
+    )
+    done.raise_for_status()
+    dash_up = time.monotonic() - t
+    upload_peak = sampler.peak
+
+    t = time.monotonic()
+    received = 0
+    with http.get(f"{base}/p/bench/datasets/download/", params={"bucket": "inputs", "key": key}, stream=True) as r:
+        r.raise_for_status()
+        with (work / "dash.out").open("wb") as out:
+            for chunk in r.iter_content(MiB):
+                out.write(chunk)
+                received += len(chunk)
+    dash_down = time.monotonic() - t
+    sampler.running = False
+    sampler.join()
+    assert received == size, (received, size)
+    assert boto.head_object(Bucket=bucket, Key=key)["ContentLength"] == size
+
+    mb = size / 1e6
+    print(
+        f"file: {args.size_mb} MiB; dashboard uploader: {info['part_size'] // MiB} MiB parts, {args.parallel} in flight"
+    )
+    print(
+        f"upload   boto3 {mb / boto_up:7.1f} MB/s   dashboard {mb / dash_up:7.1f} MB/s   ratio {boto_up / dash_up:.2f}x"
+    )
+    print(
+        f"download boto3 {mb / boto_down:7.1f} MB/s   dashboard {mb / dash_down:7.1f} MB/s   ratio {boto_down / dash_down:.2f}x"
+    )
+    print(
+        f"dashboard server RSS: idle {baseline / MiB:.0f} MiB, peak during upload {upload_peak / MiB:.0f} MiB, "
+        f"peak overall {sampler.peak / MiB:.0f} MiB (target <= 150 MB)"
+    )
+    server.terminate()
+    server.wait()
+    s3.stop()
+    subprocess.run(["rm", "-rf", str(work)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Persistent Volume Claim records (SPEC §6), managed by project admins. Experiments mount them
+with spec.storage.attachExistingPVCs; creating them on a cluster is the Kubernetes engine's job."""
+
+from django import forms
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+
+from projects.access import get_project
+from projects.models import Engine, PersistentVolumeClaim, Project
+from projects.services import create_pvc, delete_pvc
+
+
+class PvcForm(forms.ModelForm):
+    class Meta:
+        model = PersistentVolumeClaim
+        fields = ["name", "size_mib", "engine", "storage_class", "access_mode"]
+        labels = {"size_mib": "Size (MiB)"}
+        help_texts = {
+            "name": "Lowercase letters, digits and '-', starting and ending with a letter or digit; at most 64.",
+            "storage_class": "Empty: the cluster's default storage class.",
+        }
+
+    def __init__(self, *args, project: Project, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.project = project
+        # Only Kubernetes engines enabled for this project can hold a PVC.
+        self.fields["engine"].queryset = project.engines.filter(kind=Engine.Kind.KUBERNETES)
+        self.fields["engine"].empty_label = None
+
+    def clean_name(self) -> str:
+        name = self.cleaned_data["name"]
+        if PersistentVolumeClaim.objects.filter(project=self.project, name=name).exists():
+            raise forms.ValidationError("This project already has a PVC with this name.")
+        return name
+
+
+def _admin_project(request: HttpRequest, slug: str) -> Project:
+    return get_project(request.user, slug, admin=True)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def pvcs(request: HttpRequest, slug: str) -> HttpResponse:
+    project = _admin_project(request, slug)
+    form = PvcForm(request.POST or None, project=project)
+    if request.method == "POST" and form.is_valid() and create_pvc(project, form):
+        return redirect("pvc-list", slug=project.slug)
+    context = {
+        "project": project,
+        "section": "details",
+        "form": form,
+        "pvcs": project.pvcs.select_related("engine"),
+        "has_kubernetes": project.engines.filter(kind=Engine.Kind.KUBERNETES).exists(),
+    }
+    return render(request, "projects/pvcs.html", context, status=400 if form.errors else 200)
+
+
+@login_required
+@require_POST
+def pvc_delete(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
+    project = _admin_project(request, slug)
+    get_object_or_404(PersistentVolumeClaim, project=project, pk=pk)
+    delete_pvc(project, pk)
+    return redirect("pvc-list", slug=project.slug)

@@ -8,6 +8,8 @@ command -v dockerd >/dev/null || need+=(docker.io)
 command -v busybox >/dev/null || need+=(busybox-static)
 command -v git >/dev/null || need+=(git)
 command -v chromium >/dev/null || need+=(chromium)
+# Docker builds with build secrets run with buildah (the classic builder has no secret mounts).
+command -v buildah >/dev/null || need+=(buildah)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing ${need[*]}"

@@ -1,19 +1,29 @@
 """Docker engine: every process of an experiment is one container on a single Docker host,
 labelled with the experiment id so it can always be found again (reconcile, cancel)."""
 
+import hashlib
+import json
 import os
+import select
 import socket
 import threading
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 from docker.types import Mount as DockerMount
 
+from experiments.engines import buildah
 from experiments.engines.base import Cancelled, Engine, EngineError, ExecSession, ProcessSpec, ProcessState
 
 LABEL = "aichor.experiment"
+BUILD_KEY_LABEL = "aichor.build-key"
+# `docker info` is slow (tens of ms); cores, memory and runtimes do not change between steps.
+_INFO_CACHE: dict[str, tuple[float, dict]] = {}
+INFO_TTL = 60.0
 PROCESS_LABEL = "aichor.process"
 HOLD_LABEL = "aichor.hold"  # containers and images made for a debug hold
 
@@ -48,8 +58,29 @@ class DockerEngine(Engine):
     # --- build -------------------------------------------------------------------------
     def build(self, *, context_dir, dockerfile, tag, build_args, target, secrets, log, cancelled) -> str:
         if secrets:
-            # The classic builder has no secret mounts; refusing beats leaking them into layers.
-            raise EngineError("build secrets need BuildKit, which this Docker engine's builder lacks")
+            # The classic builder has no secret mounts (and BuildKit is not packaged in Debian 12):
+            # buildah builds it with the secrets mounted, then loads it into this engine.
+            return buildah.build(
+                docker_api=self.client.api,
+                docker_host=self.base_url,
+                context_dir=context_dir,
+                dockerfile=dockerfile,
+                tag=tag,
+                build_args=build_args,
+                target=target,
+                secrets=secrets,
+                log=log,
+                cancelled=cancelled,
+            )
+        key = self._build_key(context_dir, dockerfile, build_args, target)
+        if key:
+            cached = self.client.api.images(filters={"label": f"{BUILD_KEY_LABEL}={key}"}, quiet=True)
+            if cached:
+                # Same code, Dockerfile, build args and base images: exactly what Docker's own
+                # layer cache would reuse, without sending the context again.
+                self.client.api.tag(cached[0], *tag.rsplit(":", 1))
+                log(f"reusing cached image {cached[0][:19]}: same code, Dockerfile, build args and base images\n")
+                return tag
         api = docker.APIClient(base_url=self.base_url, version=self.client.api.api_version, timeout=None)
         stream = api.build(
             path=context_dir,
@@ -62,6 +93,7 @@ class DockerEngine(Engine):
             forcerm=True,
             pull=False,
             network_mode="host",
+            labels={BUILD_KEY_LABEL: key} if key else None,
         )
         outcome: dict = {}
 
@@ -94,6 +126,40 @@ class DockerEngine(Engine):
             raise EngineError(outcome["error"])
         return tag
 
+    def _build_key(self, context_dir: str, dockerfile: str, build_args: dict, target: str | None) -> str | None:
+        """A digest of everything a classic build depends on, or None when it cannot be known
+        (a base image that is not local, a FROM computed from build args)."""
+        root = Path(context_dir)
+        digest = hashlib.sha256()
+        bases = []
+        for line in (root / dockerfile).read_text(errors="replace").splitlines():
+            words = line.split()
+            if not words or words[0].upper() != "FROM":
+                continue
+            image = next((w for w in words[1:] if not w.startswith("--")), "")
+            if "$" in image or not image:
+                return None
+            if image.lower() in bases or image == "scratch":
+                bases.append(image.lower())
+                continue
+            try:
+                bases.append(self.client.api.inspect_image(image)["Id"])
+            except (ImageNotFound, NotFound):
+                return None
+        digest.update(json.dumps([dockerfile, sorted((build_args or {}).items()), target, bases]).encode())
+        for path in sorted(root.rglob("*")):
+            if ".git" in path.relative_to(root).parts:
+                continue
+            info = path.lstat()
+            digest.update(f"{path.relative_to(root)}\0{info.st_mode}\0".encode())
+            if path.is_symlink():
+                digest.update(os.readlink(path).encode())
+            elif path.is_file():
+                with path.open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(block)
+        return digest.hexdigest()
+
     def image_exists(self, image: str) -> bool:
         try:
             self.client.images.get(image)
@@ -118,14 +184,22 @@ class DockerEngine(Engine):
                 warnings.add("this Docker host has no NVIDIA runtime: GPUs ignored")
         return sorted(warnings)
 
+    def _info(self) -> dict:
+        cached = _INFO_CACHE.get(self.base_url)
+        if cached and time.monotonic() - cached[0] < INFO_TTL:
+            return cached[1]
+        info = self.client.info()
+        _INFO_CACHE[self.base_url] = (time.monotonic(), info)
+        return info
+
     def _has_gpu_runtime(self) -> bool:
         try:
-            return "nvidia" in (self.client.info().get("Runtimes") or {})
+            return "nvidia" in (self._info().get("Runtimes") or {})
         except DockerException:
             return False
 
     def _host_limits(self) -> tuple[int, int]:
-        info = self.client.info()
+        info = self._info()
         return int(info.get("NCPU") or os.cpu_count() or 1), int(info.get("MemTotal") or 0)
 
     def submit(self, *, experiment_id, image, processes, mounts, workdir, log) -> dict:
@@ -149,22 +223,28 @@ class DockerEngine(Engine):
                 gpus = (res.get("gpu") or {}).get("count") or 0
                 if gpus and gpu_ok:
                     kwargs["device_requests"] = [DeviceRequest(count=int(gpus), capabilities=[["gpu"]])]
-                container = self.client.containers.create(
+                # The low-level API: the high-level one inspects after every call.
+                api = self.client.api
+                name = f"aichor-{experiment_id[:8]}-{proc.name}-{os.urandom(2).hex()}"
+                host_config = api.create_host_config(
+                    network_mode="host",
+                    mounts=[DockerMount(m.target, m.source, type="bind", read_only=m.read_only) for m in mounts],
+                    **kwargs,
+                )
+                created = api.create_container(
                     image,
                     entrypoint=["/bin/sh", "-c"],
                     command=[proc.command],
-                    name=f"aichor-{experiment_id[:8]}-{proc.name}-{os.urandom(2).hex()}",
+                    name=name,
                     labels={LABEL: experiment_id, PROCESS_LABEL: proc.name},
                     environment=proc.env,
-                    network_mode="host",
-                    mounts=[DockerMount(m.target, m.source, type="bind", read_only=m.read_only) for m in mounts],
+                    host_config=host_config,
                     detach=True,
-                    **kwargs,
                 )
-                containers[proc.name] = container.id
-                log(f"created container {container.name} for {proc.name}\n")
+                containers[proc.name] = created["Id"]
+                log(f"created container {name} for {proc.name}\n")
             for name, cid in containers.items():
-                self.client.containers.get(cid).start()
+                self.client.api.start(cid)
                 log(f"started {name}\n")
         except (APIError, DockerException) as exc:
             handle = {"containers": containers}
@@ -173,14 +253,11 @@ class DockerEngine(Engine):
             raise EngineError(f"could not start the containers: {_explain(exc)}") from None
         return {"containers": containers}
 
-    def _containers(self, experiment_id: str) -> list:
-        return self.client.containers.list(all=True, filters={"label": f"{LABEL}={experiment_id}"})
-
     def find(self, experiment_id: str) -> dict | None:
-        found = self._containers(experiment_id)
+        found = self.client.api.containers(all=True, filters={"label": f"{LABEL}={experiment_id}"})
         if not found:
             return None
-        return {"containers": {c.labels.get(PROCESS_LABEL, c.name): c.id for c in found}}
+        return {"containers": {c["Labels"].get(PROCESS_LABEL, c["Id"]): c["Id"] for c in found}}
 
     def status(self, handle: dict) -> list[ProcessState]:
         states = []
@@ -309,9 +386,9 @@ class DockerEngine(Engine):
 
     def cleanup_experiment(self, experiment_id: str) -> None:
         # Every labelled container, not find()'s one-per-process view: a held process has two.
-        for container in self._containers(experiment_id):
+        for found in self.client.api.containers(all=True, filters={"label": f"{LABEL}={experiment_id}"}):
             try:
-                container.remove(force=True)
+                self.client.api.remove_container(found["Id"], force=True)
             except NotFound:
                 pass
         for image in self.client.images.list(filters={"label": f"{HOLD_LABEL}={experiment_id}"}):
@@ -327,20 +404,29 @@ class DockerExecSession(ExecSession):
         self.exec_id = exec_id
         # exec_start(socket=True) gives a SocketIO wrapper; the raw socket allows timeouts.
         self.sock = getattr(sock, "_sock", sock)
+        # One fixed timeout, for writes only: reads wait in select, so a reader on another thread
+        # (or an event loop) never changes how a concurrent write blocks.
+        self.sock.settimeout(30)
         self._closed = False
 
     def write(self, data: bytes) -> None:
         self.sock.sendall(data)
 
     def read(self, timeout: float | None = None) -> bytes | None:
-        self.sock.settimeout(timeout)
+        pending = getattr(self.sock, "pending", None)  # TLS (tcp DOCKER_HOST) buffers decrypted bytes
         try:
+            if not (pending and pending()) and not select.select([self.sock], [], [], timeout)[0]:
+                return b""
             data = self.sock.recv(65536)
         except (TimeoutError, BlockingIOError):
             return b""
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select on a socket closed meanwhile
             return None
         return data or None
+
+    def fileno(self) -> int | None:
+        # TLS sockets can hold decrypted bytes the descriptor does not show: readers poll them.
+        return None if hasattr(self.sock, "pending") else self.sock.fileno()
 
     def resize(self, rows: int, cols: int) -> None:
         try:

@@ -11,10 +11,12 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from aichor.routing import websocket_urlpatterns  # noqa: E402
+from experiments.upload import route_archive_uploads  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # Archive uploads stream socket -> storage; Django would spool the whole body first.
+        "http": route_archive_uploads(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -1,5 +1,5 @@
 """Shared set-up for benchmarks: a PostgreSQL database of their own, Django configured, and
-real server/worker processes (daphne, celery) with the same environment."""
+real server/worker processes (uvicorn, celery) with the same environment."""
 
 import os
 import signal
@@ -77,7 +77,18 @@ class Processes:
         import requests
 
         port = free_port()
-        self.start(str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "aichor.asgi:application")
+        self.start(
+            str(BIN / "uvicorn"),
+            "aichor.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ws",
+            "websockets-sansio",
+            "--log-level",
+            "warning",
+        )
         url = f"http://127.0.0.1:{port}"
         for _ in range(200):
             try:
@@ -85,7 +96,7 @@ class Processes:
                 return url
             except requests.ConnectionError:
                 time.sleep(0.1)
-        raise RuntimeError("daphne did not start")
+        raise RuntimeError("uvicorn did not start")
 
     def stop(self, child: subprocess.Popen) -> None:
         if child.poll() is None:

@@ -1,4 +1,4 @@
-"""End to end through real processes: daphne serves the webhook, a Celery worker process on the
+"""End to end through real processes: uvicorn serves the webhook, a Celery worker process on the
 Redis broker runs the pipeline, and a worker killed mid-Running is repaired by reconcile."""
 
 import os
@@ -93,8 +93,8 @@ def start_worker(start, *extra: str) -> subprocess.Popen:
 
 def start_server(start) -> str:
     port = free_port()
-    daphne = os.path.join(os.path.dirname(sys.executable), "daphne")
-    start(daphne, "-b", "127.0.0.1", "-p", str(port), "aichor.asgi:application")
+    uvicorn = os.path.join(os.path.dirname(sys.executable), "uvicorn")
+    start(uvicorn, "aichor.asgi:application", "--host", "127.0.0.1", "--port", str(port), "--ws", "websockets-sansio")
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -103,7 +103,7 @@ def start_server(start) -> str:
         except requests.ConnectionError:
             return False
 
-    wait_for(up, timeout=30, message="daphne to listen")
+    wait_for(up, timeout=30, message="uvicorn to listen")
     return url
 
 
@@ -143,7 +143,7 @@ def commit(git_repo, command: str) -> tuple[str, str]:
     return git_repo.commit(files, message), message
 
 
-def test_webhook_through_daphne_and_redis_worker_succeeds(process_env, docker_project, git_repo, docker_client):
+def test_webhook_through_uvicorn_and_redis_worker_succeeds(process_env, docker_project, git_repo, docker_client):
     start_worker(process_env)
     url = start_server(process_env)
     sha, message = commit(git_repo, "echo hello from $AICHOR_EXPERIMENT_ID")

@@ -1,0 +1,342 @@
+"""The `aichor` command line: configure a server and token, submit local work or a pushed
+commit, follow, cancel and resubmit experiments, and forward a port into a running one."""
+
+import asyncio
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from aichor.cli import config
+from aichor.cli.client import Client, CliError
+from aichor.cli.pack import iter_files, tar_stream, tree_size
+from aichor.cli.scaffold import DEFAULT_BASE_IMAGE, init_repo
+
+DEFAULT_MANIFEST = "aichor_manifests/manifest.yaml"
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def emit(data, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+def current_project(cfg: dict) -> str:
+    if not cfg.get("project"):
+        raise CliError("no project selected: run `aichor context set project NAME`")
+    return cfg["project"]
+
+
+def experiment_id(client: Client, value: str) -> str:
+    """A full id, or a unique prefix of one in the current project (the short id shown)."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        pass
+    project = config.load().get("project")
+    if not project or len(value) < 4:
+        raise CliError(f"no experiment {value}")
+    items = client.get(f"/projects/{project}/experiments", params={"q": value.lower(), "limit": 2})["items"]
+    matches = [i for i in items if i["id"].startswith(value.lower())]
+    if len(matches) != 1:
+        raise CliError(f"no experiment {value}" if not matches else f"{value} is ambiguous: give more of the id")
+    return matches[0]["id"]
+
+
+def describe(e: dict) -> str:
+    code = f" (exit {e['exit_code']})" if e.get("exit_code") is not None else ""
+    reason = f"\nreason: {e['failure_reason']}" if e.get("failure_reason") else ""
+    origin = f"{e['commit_sha'][:12]} on {e['branch']}" if e["source"] == "git" else "uploaded archive"
+    return (
+        f"{e['id']}  {e['status']}{code}  step: {e['current_step']}\n"
+        f"project: {e['project']}  engine: {e['engine']}  code: {origin}  manifest: {e['manifest_path']}\n"
+        f"message: {e['message'] or '-'}{reason}"
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aichor", message="aichor %(version)s")
+def cli() -> None:
+    """aichor: run machine-learning experiments on an aichor server."""
+
+
+# --- auth and context --------------------------------------------------------------------
+@cli.group()
+def auth() -> None:
+    """Configure the API token."""
+
+
+@auth.command("key")
+@click.option("--apikey", required=True, help="An API token from the server's API token page.")
+@click.option("--url", help=f"The server's address (default: the configured one, or {config.DEFAULT_URL}).")
+@json_option
+def auth_key(apikey: str, url: str | None, as_json: bool) -> None:
+    """Check a token against the server and store it."""
+    cfg = config.load()
+    url = (url or cfg.get("url") or config.DEFAULT_URL).rstrip("/")
+    me = Client(url, apikey.strip()).get("/me")
+    cfg.update(url=url, token=apikey.strip())
+    path = config.save(cfg)
+    emit(
+        {"url": url, "username": me["username"], "config": str(path)},
+        as_json,
+        f"Authenticated as {me['username']} on {url}",
+    )
+
+
+@cli.group()
+def context() -> None:
+    """Choose the project and engine commands apply to."""
+
+
+@context.group("set")
+def context_set() -> None:
+    """Set the current project or engine."""
+
+
+@context_set.command("project")
+@click.argument("name")
+def set_project(name: str) -> None:
+    """Use project NAME (its slug) from now on."""
+    project = Client().get(f"/projects/{name}", not_found=f"no project {name} (or you are not a member)")
+    cfg = config.load()
+    cfg["project"] = project["slug"]
+    engines = [e["name"] for e in project["engines"]]
+    if cfg.get("engine") not in engines:
+        cfg["engine"] = project["default_engine"]
+    config.save(cfg)
+    click.echo(f"project: {project['slug']}  engine: {cfg['engine'] or '-'}")
+
+
+@context_set.command("engine")
+@click.argument("name")
+def set_engine(name: str) -> None:
+    """Run experiments on engine NAME (one of the current project's)."""
+    cfg = config.load()
+    slug = current_project(cfg)
+    engines = [e["name"] for e in Client().get(f"/projects/{slug}/engines", not_found=f"no project {slug}")]
+    if name not in engines:
+        raise CliError(f"project {slug} has no engine {name} (it has: {', '.join(engines) or 'none'})")
+    cfg["engine"] = name
+    config.save(cfg)
+    click.echo(f"engine: {name}")
+
+
+@context.command("show")
+@json_option
+def context_show(as_json: bool) -> None:
+    """Print the server, token and current project and engine."""
+    cfg = config.load()
+    token = cfg.get("token")
+    data = {
+        "url": cfg.get("url") or config.DEFAULT_URL,
+        "token": f"{token[:11]}…" if token else None,
+        "project": cfg.get("project"),
+        "engine": cfg.get("engine"),
+        "config": str(config.config_path()),
+    }
+    emit(data, as_json, "\n".join(f"{k}: {v if v is not None else '-'}" for k, v in data.items()))
+
+
+# --- experiments -------------------------------------------------------------------------
+@cli.group()
+def experiments() -> None:
+    """Submit, follow, cancel and resubmit experiments."""
+
+
+@experiments.group()
+def submit() -> None:
+    """Start an experiment from local files or from a pushed commit."""
+
+
+@submit.command("local")
+@click.option("--repo-dir", default=".", type=click.Path(file_okay=False, path_type=Path), help="Default: here.")
+@click.option("--message", "-m", default="", help="What this run tries.")
+@click.option("--manifest-path", default=DEFAULT_MANIFEST, show_default=True, help="Relative to the repo dir.")
+@json_option
+def submit_local(repo_dir: Path, message: str, manifest_path: str, as_json: bool) -> None:
+    """Pack the working tree (honouring .gitignore, without .git), upload it and run it."""
+    cfg = config.load()
+    slug = current_project(cfg)
+    if not repo_dir.is_dir():
+        raise CliError(f"{repo_dir} is not a directory")
+    if not (repo_dir / manifest_path).is_file():
+        raise CliError(f"manifest {manifest_path} not found in {repo_dir.resolve()}")
+    client = Client()
+    files = list(iter_files(repo_dir))
+    if manifest_path not in files:
+        raise CliError(f"manifest {manifest_path} is excluded by a .gitignore")
+    total = tree_size(repo_dir, files)
+    params = {"manifest_path": manifest_path, "message": message}
+    if cfg.get("engine"):
+        params["engine"] = cfg["engine"]
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload", file=sys.stderr) as bar:
+        experiment = client.post(
+            f"/projects/{slug}/experiments/archive",
+            params=params,
+            data=tar_stream(repo_dir, files, progress=bar.update),
+            headers={"Content-Type": "application/x-tar"},
+            not_found=f"no project {slug}",
+            timeout=(10, None),
+        )
+    emit(experiment, as_json, f"Submitted {experiment['id']} ({len(files)} files)")
+
+
+@submit.command("commit-sha")
+@click.argument("sha")
+@click.option("--branch", required=True, help="The branch the commit was pushed to.")
+@click.option("--manifest-path", default=DEFAULT_MANIFEST, show_default=True, help="Relative to the repository root.")
+@click.option("--message", "-m", default="", help="What this run tries.")
+@json_option
+def submit_commit(sha: str, branch: str, manifest_path: str, message: str, as_json: bool) -> None:
+    """Run a commit already pushed to the project's repository."""
+    cfg = config.load()
+    slug = current_project(cfg)
+    payload = {"sha": sha, "branch": branch, "manifest_path": manifest_path, "message": message}
+    if cfg.get("engine"):
+        payload["engine"] = cfg["engine"]
+    experiment = Client().post(f"/projects/{slug}/experiments", json=payload, not_found=f"no project {slug}")
+    emit(experiment, as_json, f"Submitted {experiment['id']}")
+
+
+@experiments.command("list")
+@click.option("--status", type=click.Choice(["Created", "Processing", "Succeeded", "Failed", "Cancelled"]))
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 200))
+@json_option
+def list_experiments(status: str | None, limit: int, as_json: bool) -> None:
+    """The current project's latest experiments."""
+    slug = current_project(config.load())
+    params = {"limit": limit} | ({"status": status} if status else {})
+    items = Client().get(f"/projects/{slug}/experiments", params=params, not_found=f"no project {slug}")["items"]
+    lines = [
+        f"{e['short_id']}  {e['status']:<10} {e['current_step']:<10} {e['created_at'][:19]}  {e['author']:<20} "
+        f"{(e['message'] or '').splitlines()[0][:50] if e['message'] else ''}"
+        for e in items
+    ]
+    emit(items, as_json, "\n".join(lines) if lines else "no experiments")
+
+
+@experiments.command("status")
+@click.argument("experiment")
+@json_option
+def status(experiment: str, as_json: bool) -> None:
+    """An experiment's status and current step."""
+    client = Client()
+    eid = experiment_id(client, experiment)
+    data = client.get(f"/experiments/{eid}", not_found=f"no experiment {experiment}")
+    emit(data, as_json, describe(data))
+
+
+@experiments.command("step")
+@click.argument("experiment")
+@json_option
+def step(experiment: str, as_json: bool) -> None:
+    """An experiment's steps with their statuses and times."""
+    client = Client()
+    eid = experiment_id(client, experiment)
+    steps = client.get(f"/experiments/{eid}/steps", not_found=f"no experiment {experiment}")
+    lines = [
+        f"{s['name']:<11} {s['status']:<10} {(s['started_at'] or '')[:19]:<19}  {(s['ended_at'] or '')[:19]}"
+        for s in steps
+    ]
+    emit(steps, as_json, "\n".join(lines))
+
+
+@experiments.command("logs")
+@click.argument("experiment")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the experiment ends.")
+@click.option("--stream", help='"process:<name>" or "step:<Step>" (default: every process).')
+def logs(experiment: str, follow: bool, stream: str | None) -> None:
+    """Print an experiment's logs."""
+    client = Client()
+    eid = experiment_id(client, experiment)
+    params = {"follow": "true" if follow else "false"} | ({"stream": stream} if stream else {})
+    response = client.request(
+        "GET", f"/experiments/{eid}/logs", params=params, stream=True, timeout=(10, None),
+        not_found=f"no experiment {experiment}",
+    )  # fmt: skip
+    out = sys.stdout.buffer
+    for chunk in response.iter_content(chunk_size=None):
+        out.write(chunk)
+        out.flush()
+
+
+@experiments.command("cancel")
+@click.argument("experiment")
+@json_option
+def cancel(experiment: str, as_json: bool) -> None:
+    """Stop an experiment (a clone, a build or the running workload)."""
+    client = Client()
+    eid = experiment_id(client, experiment)
+    data = client.post(f"/experiments/{eid}/cancel", not_found=f"no experiment {experiment}")
+    emit(data, as_json, f"{data['id']} {data['status']}")
+
+
+@experiments.command("resubmit")
+@click.argument("experiment")
+@json_option
+def resubmit(experiment: str, as_json: bool) -> None:
+    """Run an ended experiment's code and manifest again, as a new experiment."""
+    client = Client()
+    eid = experiment_id(client, experiment)
+    data = client.post(f"/experiments/{eid}/resubmit", not_found=f"no experiment {experiment}")
+    emit(data, as_json, f"Submitted {data['id']} (resubmission of {eid})")
+
+
+@experiments.command("port-forward")
+@click.argument("experiment")
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.option("--process", help="Which process (default: the first, e.g. worker-0).")
+@click.option("--local-port", type=click.IntRange(0, 65535), default=None, help="Default: the same as PORT.")
+def port_forward(experiment: str, port: int, process: str | None, local_port: int | None) -> None:
+    """Open a local port to PORT inside a running experiment (for an IDE or a debugger)."""
+    from aichor.cli.portforward import serve
+
+    client = Client()
+    eid = experiment_id(client, experiment)
+    data = client.get(f"/experiments/{eid}", not_found=f"no experiment {experiment}")
+    if data["status"] != "Processing" or data["current_step"] != "Running":
+        raise CliError(f"experiment {data['short_id']} is not running ({data['status']}, {data['current_step']})")
+    try:
+        asyncio.run(serve(client.url, client.token, eid, port, process, port if local_port is None else local_port))
+    except OSError as exc:
+        raise CliError(f"cannot listen on the local port: {exc.strerror or exc}") from None
+
+
+# --- local repository --------------------------------------------------------------------
+@cli.group("local-repo")
+def local_repo() -> None:
+    """Work with a local code folder."""
+
+
+@local_repo.command("init")
+@click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--base-image", default=DEFAULT_BASE_IMAGE, show_default=True, help="The Dockerfile's FROM image.")
+def local_repo_init(directory: Path, base_image: str) -> None:
+    """Write a Dockerfile, aichor_manifests/manifest.yaml and src/ ready to submit."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        written = init_repo(directory, base_image)
+    except FileExistsError as exc:
+        raise CliError(f"{exc}: nothing written") from None
+    click.echo("\n".join(f"created {directory / rel}" for rel in written))
+    click.echo(f"next: cd {directory} && aichor experiments submit local")
+
+
+def main() -> None:
+    try:
+        cli(prog_name="aichor")
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (config.ConfigError, OSError) as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # the last guard: one line, never a traceback
+        click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

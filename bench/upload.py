@@ -1,0 +1,167 @@
+"""Benchmark: `aichor experiments submit local` of a 1 GB tree against a live server (uvicorn
+subprocess, SQLite and filesystem storage in a scratch folder).
+
+Prints the upload throughput, the throughput of a raw copy of the same files to the same
+storage in the same run, their ratio, and the peak RSS of the CLI and of the server.
+Targets: ratio >= 0.8, each peak RSS <= 150 MB.
+
+    .venv/bin/python bench/upload.py [--size-mb 1024] [--files 16]
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_tree(root: Path, size_mb: int, files: int) -> int:
+    per_file = size_mb * 1024 * 1024 // files
+    block = os.urandom(4 * 1024 * 1024)  # incompressible, like checkpoints and datasets
+    for i in range(files):
+        path = root / "data" / f"shard-{i:03d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            left = per_file
+            while left:
+                fh.write(block[: min(left, len(block))])
+                left -= min(left, len(block))
+    (root / "aichor_manifests").mkdir()
+    (root / "aichor_manifests/manifest.yaml").write_text(
+        "kind: AIchorManifest\napiVersion: 0.2.3\nbuilder:\n  image: b\n  dockerfile: ./Dockerfile\n"
+        "spec:\n  operator: batch\n  image: b\n  command: 'true'\n"
+    )
+    (root / "Dockerfile").write_text("FROM scratch\n")
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--files", type=int, default=16)
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="aichor-bench-"))
+    env = {
+        **os.environ,
+        "AICHOR_DATA_DIR": str(scratch / "data"),
+        "DATABASE_URL": f"sqlite:///{scratch / 'db.sqlite3'}",
+        "AICHOR_MAX_ARCHIVE_BYTES": str(4 * 1024**3),
+        "DJANGO_SETTINGS_MODULE": "aichor.settings",
+        "XDG_CONFIG_HOME": str(scratch / "config"),
+    }
+    env.pop("REDIS_URL", None)
+    server = None
+    try:
+        os.environ.update(env)
+        sys.path.insert(0, str(ROOT))
+        import django
+
+        django.setup()
+        from django.contrib.auth import get_user_model
+        from django.core.files import File
+        from django.core.files.storage import default_storage
+        from django.core.management import call_command
+
+        from projects.models import Engine
+        from projects.services import create_api_token, create_project
+
+        call_command("migrate", verbosity=0)
+        user = get_user_model().objects.create_user("bench@example.com", "bench@example.com", "bench-pw-123")
+        engine = Engine.objects.create(name="local", kind=Engine.Kind.LOCAL)
+        create_project(name="Bench", slug="bench", engines=[engine], default_engine=engine, admins=[user])
+        token = create_api_token(user)
+
+        tree = scratch / "tree"
+        total = make_tree(tree, args.size_mb, args.files)
+        print(f"tree: {total / 1024**2:.0f} MiB in {args.files} files")
+
+        # Raw copy: the same bytes into the same storage, file by file, no HTTP, no tar.
+        start = time.perf_counter()
+        for path in sorted(tree.rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    default_storage.save(f"rawcopy/{path.relative_to(tree)}", File(fh))
+        raw_seconds = time.perf_counter() - start
+        shutil.rmtree(Path(default_storage.location) / "rawcopy")
+
+        port = free_port()
+        server = subprocess.Popen(
+            [str(BIN / "uvicorn"), "aichor.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        aichor = str(BIN / "aichor")
+        subprocess.run(
+            [aichor, "auth", "key", "--apikey", token, "--url", url], env=env, check=True, capture_output=True
+        )
+        subprocess.run([aichor, "context", "set", "project", "bench"], env=env, check=True, capture_output=True)
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        start = time.perf_counter()
+        result = subprocess.run(
+            [aichor, "experiments", "submit", "local", "--repo-dir", str(tree), "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        upload_seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"submit failed: {result.stderr.strip().splitlines()[-1]}")
+        cli_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        server_rss = peak_rss_mb(server.pid)
+        experiment = json.loads(result.stdout)
+        stored = default_storage.size(experiment["archive"])
+
+        raw_rate = total / raw_seconds / 1024**2
+        upload_rate = total / upload_seconds / 1024**2
+        print(f"raw copy to storage:   {raw_seconds:6.2f} s  {raw_rate:7.1f} MiB/s")
+        print(
+            f"aichor submit local:   {upload_seconds:6.2f} s  {upload_rate:7.1f} MiB/s  (archive {stored / 1024**2:.0f} MiB)"
+        )
+        print(f"ratio:                 {upload_rate / raw_rate:.2f}x   (target >= 0.8x)")
+        print(
+            f"peak RSS CLI:          {cli_rss:6.1f} MB    (target <= 150 MB){' (earlier child)' if before > cli_rss * 1024 else ''}"
+        )
+        print(f"peak RSS server:       {server_rss:6.1f} MB    (target <= 150 MB)")
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""API routes for experiments: list, detail, steps, logs (follow by streaming), cancel,
+resubmit, and submission from a pushed commit or from an uploaded archive."""
+
+import asyncio
+import base64
+import binascii
+import uuid
+from datetime import datetime
+
+from asgiref.sync import sync_to_async
+from django.db.models import Q
+from django.http import HttpRequest, StreamingHttpResponse
+from ninja import Field, Query, Router, Schema
+from ninja.errors import HttpError
+from ninja.responses import Status as Reply
+from pydantic import field_validator
+
+from experiments import services
+from experiments.logs import read_log, streams
+from experiments.models import ACTIVE_STATUSES, Experiment, Status
+from projects.access import get_experiment, get_project
+from projects.models import Project
+
+router = Router(tags=["experiments"])
+
+DEFAULT_MANIFEST = "aichor_manifests/manifest.yaml"
+FOLLOW_POLL_SECONDS = 0.5
+
+
+# --- schemas -----------------------------------------------------------------------------
+class ExperimentOut(Schema):
+    id: uuid.UUID
+    short_id: str
+    project: str = Field(..., alias="project.slug")
+    engine: str = Field(..., alias="engine.name")
+    source: str
+    commit_sha: str
+    branch: str
+    commit_url: str
+    archive: str
+    message: str
+    author: str = Field(..., alias="author_name")
+    manifest_path: str
+    status: str
+    current_step: str
+    exit_code: int | None
+    failure_reason: str
+    resubmitted_from: uuid.UUID | None = Field(None, alias="resubmitted_from_id")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    is_terminal: bool
+
+
+class ExperimentPage(Schema):
+    items: list[ExperimentOut]
+    next: str | None = Field(None, description="pass as `cursor` for the next (older) page")
+
+
+class StepOut(Schema):
+    name: str
+    status: str
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+class Error(Schema):
+    detail: str
+
+
+class ListFilters(Schema):
+    status: Status | None = None
+    engine: str | None = Field(None, max_length=64)
+    author: str | None = Field(None, max_length=255, description="author name, exact")
+    q: str | None = Field(None, max_length=200, description="text in the message, or an id prefix")
+    cursor: str | None = Field(None, max_length=200)
+    limit: int = Field(50, ge=1, le=200)
+
+
+def check_manifest_path(path: str) -> str:
+    """Relative to the code's root, inside it, a YAML file (as the webhook's rule)."""
+    if not path.endswith((".yaml", ".yml")):
+        raise ValueError("the manifest path must end in .yaml or .yml")
+    if path.startswith("/") or "\\" in path or ".." in path or any(ord(c) < 32 for c in path):
+        raise ValueError("the manifest path must be relative, without '..' or '\\'")
+    return path
+
+
+class CommitIn(Schema):
+    sha: str = Field(..., pattern=r"^[0-9a-fA-F]{7,64}$")
+    branch: str = Field(..., min_length=1, max_length=255, pattern=r"^[^\x00-\x20~^:?*\[\\]+$")
+    manifest_path: str = Field(DEFAULT_MANIFEST, max_length=500)
+    message: str = Field("", max_length=10000)
+    engine: str | None = Field(None, max_length=64, description="engine name; the project default when empty")
+
+    _manifest = field_validator("manifest_path")(check_manifest_path)
+
+
+class ArchiveParams(Schema):
+    manifest_path: str = Field(DEFAULT_MANIFEST, max_length=500)
+    message: str = Field("", max_length=10000)
+    engine: str | None = Field(None, max_length=64)
+
+    _manifest = field_validator("manifest_path")(check_manifest_path)
+
+
+class LogParams(Schema):
+    stream: str | None = Field(
+        None, max_length=100, description='"process:<name>" or "step:<Step>"; every process when empty'
+    )
+    follow: bool = Field(False, description="keep streaming until the experiment ends")
+
+
+# --- helpers -----------------------------------------------------------------------------
+def target_engine(project: Project, name: str | None):
+    if not name:
+        return None
+    engine = project.engines.filter(name=name).first()
+    if engine is None:
+        raise services.ExperimentError(f"engine {name} is not enabled for project {project.slug}")
+    return engine
+
+
+def _encode_cursor(experiment: Experiment) -> str:
+    return base64.urlsafe_b64encode(f"{experiment.created_at.isoformat()}|{experiment.pk}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> Q | None:
+    try:
+        stamp, _, pk = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        created, pk = datetime.fromisoformat(stamp), uuid.UUID(pk)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    if created.tzinfo is None:
+        return None
+    return Q(created_at__lt=created) | Q(created_at=created, id__lt=pk)
+
+
+# --- routes ------------------------------------------------------------------------------
+@router.get("/projects/{slug}/experiments", response=ExperimentPage, summary="A project's experiments, newest first")
+def list_experiments(request: HttpRequest, slug: str, filters: Query[ListFilters]):
+    project = get_project(request.auth, slug)
+    qs = Experiment.objects.filter(project=project).select_related("project", "engine").order_by("-created_at", "-id")
+    if filters.status:
+        qs = qs.filter(status=filters.status)
+    if filters.engine:
+        qs = qs.filter(engine__name=filters.engine)
+    if filters.author:
+        qs = qs.filter(author_name=filters.author)
+    if filters.q:
+        qs = qs.filter(Q(message__icontains=filters.q) | Q(id__startswith=filters.q.lower()))
+    if filters.cursor:
+        after = _decode_cursor(filters.cursor)
+        if after is None:
+            raise HttpError(400, "invalid cursor")
+        qs = qs.filter(after)
+    page = list(qs[: filters.limit + 1])
+    more = len(page) > filters.limit
+    page = page[: filters.limit]
+    return {"items": page, "next": _encode_cursor(page[-1]) if more else None}
+
+
+@router.post(
+    "/projects/{slug}/experiments",
+    response={201: ExperimentOut, 409: Error},
+    summary="Run a pushed commit",
+)
+def submit_commit(request: HttpRequest, slug: str, payload: CommitIn):
+    project = get_project(request.auth, slug)
+    experiment = services.create_experiment(
+        project=project,
+        engine=target_engine(project, payload.engine),
+        source=Experiment.Source.GIT,
+        commit_sha=payload.sha.lower(),
+        branch=payload.branch,
+        message=payload.message,
+        author=request.auth,
+        manifest_path=payload.manifest_path,
+    )
+    return Reply(201, experiment)
+
+
+@router.post(
+    "/projects/{slug}/experiments/archive",
+    response={201: ExperimentOut, 409: Error, 413: Error},
+    summary="Run an uploaded tar archive of the code (the request body, streamed)",
+    description="The body is a tar (or gzipped tar) of the code, streamed to storage as it arrives; "
+    "larger than the server's limit is answered 413. An empty body or an engine the project lacks is 409.",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
+                "application/gzip": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+)
+def submit_archive(request: HttpRequest, slug: str, params: Query[ArchiveParams]):
+    """Documents the route; aichor.asgi sends these POSTs to experiments.upload before Django
+    sees them (Django would spool the whole body to disk first). Only a caller that bypasses
+    aichor.asgi (Django's test client) lands here."""
+    get_project(request.auth, slug)
+    raise HttpError(501, "archive uploads are served by the ASGI application (aichor.asgi:application)")
+
+
+@router.get("/experiments/{experiment_id}", response=ExperimentOut, summary="One experiment")
+def experiment_detail(request: HttpRequest, experiment_id: str):
+    return get_experiment(request.auth, experiment_id)
+
+
+@router.post("/experiments/{experiment_id}/cancel", response={200: ExperimentOut, 409: Error}, summary="Cancel")
+def cancel(request: HttpRequest, experiment_id: str):
+    experiment = get_experiment(request.auth, experiment_id)
+    services.cancel_experiment(experiment, actor=request.auth)
+    return experiment
+
+
+@router.post(
+    "/experiments/{experiment_id}/resubmit",
+    response={201: ExperimentOut, 409: Error},
+    summary="Run the same code and manifest again as a new experiment",
+)
+def resubmit(request: HttpRequest, experiment_id: str):
+    experiment = get_experiment(request.auth, experiment_id)
+    return Reply(201, services.resubmit_experiment(experiment, actor=request.auth))
+
+
+@router.get("/experiments/{experiment_id}/steps", response=list[StepOut], summary="An experiment's steps, in order")
+def experiment_steps(request: HttpRequest, experiment_id: str):
+    return get_experiment(request.auth, experiment_id).steps.order_by("position")
+
+
+@router.get("/experiments/{experiment_id}/logs/streams", response=list[str], summary="Names of the stored logs")
+def log_streams(request: HttpRequest, experiment_id: str):
+    return streams(get_experiment(request.auth, experiment_id).pk)
+
+
+@router.get(
+    "/experiments/{experiment_id}/logs",
+    response={200: None},
+    summary="Logs as text; with follow=true the response streams until the experiment ends",
+    openapi_extra={"responses": {"200": {"description": "log text", "content": {"text/plain": {}}}}},
+)
+def experiment_logs(request: HttpRequest, experiment_id: str, params: Query[LogParams]):
+    experiment = get_experiment(request.auth, experiment_id)
+    response = StreamingHttpResponse(
+        _log_text(experiment.pk, params.stream, params.follow), content_type="text/plain; charset=utf-8"
+    )
+    # Proxies (nginx) must pass each chunk on as it comes, not buffer a followed log.
+    response["X-Accel-Buffering"] = "no"
+    response["Cache-Control"] = "no-cache"
+    return response
+
+
+def _wanted_streams(experiment_id, stream: str | None) -> list[str]:
+    if stream:
+        return [stream]
+    return [s for s in streams(experiment_id) if s.startswith("process:")]
+
+
+def _read_new(experiment_id, stream: str | None, seen: dict[str, int]) -> list[str]:
+    """Text stored since the last call, per stream; lines prefixed with the process name
+    when several processes write."""
+    wanted = _wanted_streams(experiment_id, stream)
+    texts = []
+    for name in wanted:
+        for chunk in read_log(experiment_id, name, after_seq=seen.get(name, -1), limit=200):
+            seen[name] = chunk.seq
+            text = chunk.text
+            if len(wanted) > 1:
+                label = name.split(":", 1)[1]
+                text = "".join(f"[{label}] {line}" for line in text.splitlines(keepends=True))
+            texts.append(text)
+    return texts
+
+
+def _is_terminal(experiment_id) -> bool:
+    return not Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES).exists()
+
+
+async def _log_text(experiment_id, stream: str | None, follow: bool):
+    seen: dict[str, int] = {}
+    while True:
+        # Terminal is read before the chunks, so the chunks read after it include the tail.
+        ended = not follow or await sync_to_async(_is_terminal)(experiment_id)
+        while texts := await sync_to_async(_read_new)(experiment_id, stream, seen):
+            for text in texts:
+                yield text
+        if ended:
+            return
+        await asyncio.sleep(FOLLOW_POLL_SECONDS)

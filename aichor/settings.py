@@ -182,6 +182,8 @@ TERMINAL_IDLE_SECONDS = env_float("AICHOR_TERMINAL_IDLE_SECONDS", 900.0)
 TERMINAL_MAX_SECONDS = env_float("AICHOR_TERMINAL_MAX_SECONDS", 4 * 3600.0)
 # How often an open terminal checks that its experiment is still Running (or held).
 TERMINAL_STATE_POLL_SECONDS = env_float("AICHOR_TERMINAL_STATE_POLL_SECONDS", 2.0)
+# A dropped connection (network blip, laptop lid) may re-attach to the same shell this long.
+TERMINAL_REATTACH_SECONDS = env_float("AICHOR_TERMINAL_REATTACH_SECONDS", 30.0)
 
 # --- Storage -----------------------------------------------------------------------------
 MEDIA_ROOT = DATA_DIR / "media"
@@ -202,8 +204,8 @@ AICHOR_S3_REGION = env_str("AICHOR_S3_REGION", "us-east-1")
 AICHOR_S3_ACCESS_KEY = env_str("AICHOR_S3_ACCESS_KEY")
 AICHOR_S3_SECRET_KEY = env_str("AICHOR_S3_SECRET_KEY")
 AICHOR_S3_ADDRESSING_STYLE = env_str("AICHOR_S3_ADDRESSING_STYLE", "path")  # path | virtual | auto
-# Browser uploads arrive as parts of this size: the ASGI server holds a whole request body in
-# memory, so the part size bounds the server's memory per upload in flight.
+# Browser uploads arrive as parts of this size: Django spools each part to disk before the view
+# streams it on to the bucket, so a part is resumable and memory stays bounded per upload.
 AICHOR_UPLOAD_PART_MB = env_int("AICHOR_UPLOAD_PART_MB", 8)
 AICHOR_DATASETS_PAGE_SIZE = env_int("AICHOR_DATASETS_PAGE_SIZE", 100)
 

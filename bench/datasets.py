@@ -1,4 +1,4 @@
-"""Datasets benchmark: a 2 GB file up and down through the dashboard's endpoints (daphne, as
+"""Datasets benchmark: a 2 GB file up and down through the dashboard's endpoints (uvicorn, as
 `make run` serves them) against raw boto3 to the same SeaweedFS S3 server, in the same run; and
 the dashboard server's peak RSS.
 
@@ -100,11 +100,11 @@ def main() -> None:
 
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "daphne"), "-b", "127.0.0.1", "-p", str(port), "aichor.asgi:application"],
+        [str(Path(sys.executable).parent / "uvicorn"), "aichor.asgi:application", "--host", "127.0.0.1", "--port", str(port), "--ws", "websockets-sansio", "--log-level", "warning"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=open(work / "daphne.log", "wb"),  # noqa: SIM115
+        stderr=open(work / "server.log", "wb"),  # noqa: SIM115
     )
     import requests
 

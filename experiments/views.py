@@ -1,0 +1,316 @@
+"""Dashboard pages for experiments: the list, the experiment page and its log endpoints.
+
+Each live region is one partial that renders both inside the page and as the htmx poll answer;
+polls answer 286 (htmx: stop polling) once nothing they show can change any more."""
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db.models import Q
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.shortcuts import redirect, render
+from django.template import TemplateDoesNotExist
+from django.template.loader import get_template
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
+from django_htmx.http import HttpResponseClientRedirect
+
+from experiments import logview, services
+from experiments.forms import ExperimentFilterForm, LogRangeForm, LogSearchForm
+from experiments.models import ACTIVE_STATUSES, STEP_ORDER, Experiment
+from projects.access import get_experiment, get_project, role_in
+from projects.models import Engine, Project, ProjectVariable
+
+PAGE_SIZE = 50
+HTMX_STOP_POLLING = 286
+# Names aichor sets itself (SPEC §5); shown first on the experiment page.
+AICHOR_VARIABLES = (
+    "AICHOR_INPUT_PATH",
+    "AICHOR_OUTPUT_PATH",
+    "AICHOR_TENSORBOARD_PATH",
+    "AICHOR_EXPERIMENT_ID",
+    "AICHOR_PROJECT_ID",
+    "AICHOR_EXPERIMENT_MESSAGE",
+    "VCS_SHA",
+)
+
+
+def remember(request: HttpRequest, project: Project, engine: Engine | None = None) -> None:
+    """Keep the user's last project and engine in the session (written only when they change,
+    so a poll does not cost a session UPDATE)."""
+    if request.session.get("project") != project.slug:
+        request.session["project"] = project.slug
+    if engine and request.session.get(f"engine:{project.slug}") != engine.name:
+        request.session[f"engine:{project.slug}"] = engine.name
+
+
+def resources_of(manifest: dict | None) -> dict | None:
+    """Total CPUs, GPUs and memory (GB) the manifest asks for, over every process."""
+    if not manifest:
+        return None
+    types = (manifest.get("spec") or {}).get("types") or {}
+    groups: list[tuple[int, dict]] = []
+    for name, group in types.items():
+        if isinstance(group, list):  # kuberay worker pools
+            groups += [(g.get("count") or 0, g.get("resources") or {}) for g in group]
+        elif isinstance(group, dict):
+            count = group.get("count")
+            groups.append((1 if count is None and name == "Head" else count or 0, group.get("resources") or {}))
+    cpus = gpus = memory = 0.0
+    for count, res in groups:
+        group_cpus = res.get("cpus") or 0
+        cpus += count * group_cpus
+        gpu = (res.get("accelerators") or {}).get("gpu") or {}
+        gpus += count * (gpu.get("count") or 0)
+        per_process = res.get("memory") or (res.get("ramRatio") or 0) * group_cpus
+        memory += count * per_process
+    return {"cpus": _number(cpus), "gpus": _number(gpus), "memory": _number(memory)}
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else round(value, 1)
+
+
+@login_required
+@require_GET
+def experiment_list(request: HttpRequest, slug: str) -> HttpResponse:
+    project = get_project(request.user, slug)
+    engines = list(project.engines.all())
+    name = request.GET.get("engine")
+    engine = next((e for e in engines if e.name == name), None)
+    if engine is None and not request.htmx:
+        # Put the engine in the URL so the page can be shared; the last one used comes first.
+        remembered = request.session.get(f"engine:{slug}")
+        fallback = next((e for e in engines if e.name == remembered), None) or project.default_engine
+        fallback = fallback if fallback in engines else (engines[0] if engines else None)
+        if fallback is not None:
+            query = request.GET.copy()
+            query["engine"] = fallback.name
+            return redirect(f"{request.path}?{query.urlencode()}")
+    remember(request, project, engine)
+
+    form = ExperimentFilterForm(request.GET)
+    filters = form.cleaned_data if form.is_valid() else {}
+    experiments = Experiment.objects.filter(project=project, engine=engine).defer("manifest_text", "handle")
+    if filters.get("status"):
+        experiments = experiments.filter(status=filters["status"])
+    if filters.get("author"):
+        # Exact: PostgreSQL has statistics for the column (not for UPPER(...) LIKE), so it keeps
+        # walking exp_list_idx in order instead of sorting every row of a big project.
+        experiments = experiments.filter(author_name=filters["author"])
+    if filters.get("q"):
+        q = filters["q"]
+        experiments = experiments.filter(Q(message__icontains=q) | Q(commit_sha__startswith=q.lower()))
+    if filters.get("before"):
+        created, pk = filters["before"]
+        # `created_at <= x` is an index range condition (exp_list_idx); the tie on equal
+        # timestamps is settled by id in a cheap filter, instead of an OR the planner cannot
+        # turn into a range.
+        experiments = experiments.filter(created_at__lte=created).exclude(created_at=created, id__gte=pk)
+    rows = list(experiments.order_by("-created_at", "-id")[: PAGE_SIZE + 1])
+    next_url = ""
+    if len(rows) > PAGE_SIZE:
+        rows = rows[:PAGE_SIZE]
+        query = request.GET.copy()
+        query["before"] = f"{rows[-1].created_at.isoformat()}_{rows[-1].pk}"
+        next_url = f"{request.path}?{query.urlencode()}"
+    for row in rows:
+        row.project = project  # commit links need it: one project, not one query per row
+        row.resources = resources_of(row.manifest)
+    any_active = (
+        engine is not None
+        and Experiment.objects.filter(project=project, engine=engine, status__in=ACTIVE_STATUSES).exists()
+    )
+    newest_query = request.GET.copy()
+    newest_query.pop("before", None)
+    context = {
+        "project": project,
+        "engine": engine,
+        "engines": engines,
+        "form": form,
+        "experiments": rows,
+        "next_url": next_url,
+        "newest_url": f"{request.path}?{newest_query.urlencode()}",
+        "is_first_page": not filters.get("before"),
+        "filtered": bool(filters.get("status") or filters.get("author") or filters.get("q")),
+        "any_active": any_active,
+        "poll_url": request.get_full_path(),
+        "section": "experiments",
+        "public_url": settings.PUBLIC_URL,
+    }
+    if request.htmx:
+        return render(request, "experiments/_list_rows.html", context, status=200 if any_active else HTMX_STOP_POLLING)
+    return render(request, "experiments/list.html", context)
+
+
+def _live_context(request: HttpRequest, experiment: Experiment) -> dict:
+    steps = sorted(experiment.steps.all(), key=lambda s: STEP_ORDER.index(s.name))
+    failed_step = next((s for s in steps if s.status == "Failed"), None)
+    return {
+        "experiment": experiment,
+        "project": experiment.project,
+        "steps": steps,
+        "failed_step": failed_step,
+        "can_cancel": experiment.status in ACTIVE_STATUSES,
+        "can_resubmit": experiment.is_terminal,
+        "poll": not experiment.is_terminal,
+    }
+
+
+def _render_live(request: HttpRequest, experiment: Experiment) -> HttpResponse:
+    context = _live_context(request, experiment)
+    return render(
+        request,
+        "experiments/_live.html",
+        context,
+        status=HTMX_STOP_POLLING if experiment.is_terminal else 200,
+    )
+
+
+def injected_variables(experiment: Experiment) -> list[dict]:
+    """What the workload's environment holds (SPEC §5), sensitive project values masked."""
+    project = experiment.project
+    # The local engine runs on the server and sees the bucket folders; containers get mounts.
+    if experiment.engine.kind == Engine.Kind.LOCAL:
+        inputs = f"{settings.BUCKETS_ROOT}/{project.inputs_bucket}/"
+        outputs = f"{settings.BUCKETS_ROOT}/{project.outputs_bucket}/"
+    else:
+        inputs, outputs = "/mnt/aichor/inputs/", "/mnt/aichor/outputs/"
+    aichor = {
+        "AICHOR_INPUT_PATH": inputs,
+        "AICHOR_OUTPUT_PATH": f"{outputs}{experiment.output_prefix}",
+        "AICHOR_TENSORBOARD_PATH": f"{outputs}{experiment.output_prefix}tensorboard/",
+        "AICHOR_EXPERIMENT_ID": str(experiment.pk),
+        "AICHOR_PROJECT_ID": str(project.pk),
+        "AICHOR_EXPERIMENT_MESSAGE": experiment.message,
+        "VCS_SHA": experiment.commit_sha,
+    }
+    rows = [{"name": k, "value": v, "source": "aichor", "masked": False} for k, v in aichor.items()]
+    manifest_env = ((experiment.manifest or {}).get("spec") or {}).get("env") or {}
+    for var in project.variables.filter(kind=ProjectVariable.Kind.RUNTIME).only("name", "sensitive", "value"):
+        if var.name in aichor or var.name in manifest_env:
+            continue
+        rows.append(
+            {
+                "name": var.name,
+                "value": "" if var.sensitive else var.value,
+                "source": "project variable",
+                "masked": var.sensitive,
+            }
+        )
+    for name, value in manifest_env.items():
+        if name not in aichor:
+            rows.append({"name": name, "value": value, "source": "spec.env", "masked": False})
+    return rows
+
+
+def _terminal_template() -> str | None:
+    # The terminal is another engineer's partial; the page works with or without it.
+    try:
+        get_template("experiments/_terminal.html")
+    except TemplateDoesNotExist:
+        return None
+    return "experiments/_terminal.html"
+
+
+@login_required
+@require_GET
+def experiment_detail(request: HttpRequest, experiment_id) -> HttpResponse:
+    experiment = get_experiment(request.user, experiment_id)
+    if request.htmx:
+        return _render_live(request, experiment)
+    remember(request, experiment.project, experiment.engine)
+    processes = list((experiment.handle or {}).get("containers") or (experiment.handle or {}).get("pids") or {})
+    stored = logview.stream_names(experiment.pk)
+    process_streams = sorted({*stored, *(f"process:{p}" for p in processes)} - {f"step:{s}" for s in STEP_ORDER})
+    step_streams = [f"step:{s}" for s in STEP_ORDER if f"step:{s}" in stored]
+    streams = [s for s in process_streams if s.startswith("process:")] + step_streams
+    initial = request.GET.get("stream") or (process_streams[0] if process_streams else "")
+    if not initial:
+        initial = f"step:{experiment.current_step}"
+    context = {
+        **_live_context(request, experiment),
+        "engine": experiment.engine,
+        "role": role_in(request.user, experiment.project),
+        "variables": injected_variables(experiment),
+        "streams": streams,
+        "initial_stream": initial,
+        "resources": resources_of(experiment.manifest),
+        "resubmissions": list(experiment.resubmissions.only("id", "created_at", "status")),
+        "terminal_template": _terminal_template(),
+        "ws_path": f"/ws/experiments/{experiment.pk}/logs/",
+        "section": "experiments",
+    }
+    return render(request, "experiments/detail.html", context)
+
+
+@login_required
+@require_POST
+def experiment_cancel(request: HttpRequest, experiment_id) -> HttpResponse:
+    experiment = get_experiment(request.user, experiment_id)
+    try:
+        services.cancel_experiment(experiment, actor=request.user)
+    except services.ExperimentError as exc:
+        messages.error(request, str(exc))
+        experiment.refresh_from_db()
+    if request.htmx:
+        return _render_live(request, experiment)
+    return redirect("experiment-detail", experiment_id=experiment.pk)
+
+
+@login_required
+@require_POST
+def experiment_resubmit(request: HttpRequest, experiment_id) -> HttpResponse:
+    experiment = get_experiment(request.user, experiment_id)
+    try:
+        new = services.resubmit_experiment(experiment, actor=request.user)
+    except services.ExperimentError as exc:
+        messages.error(request, str(exc))
+        if request.htmx:
+            return _render_live(request, experiment)
+        return redirect("experiment-detail", experiment_id=experiment.pk)
+    url = reverse("experiment-detail", kwargs={"experiment_id": new.pk})
+    return HttpResponseClientRedirect(url) if request.htmx else redirect(url)
+
+
+@login_required
+@require_GET
+def log_lines(request: HttpRequest, experiment_id) -> JsonResponse:
+    """Lines [start, end) of a stream: earlier lines on demand and the window around a search hit."""
+    experiment = get_experiment(request.user, experiment_id)
+    form = LogRangeForm(request.GET)
+    if not form.is_valid():
+        return JsonResponse({"errors": form.errors}, status=400)
+    stream = form.cleaned_data["stream"]
+    total = logview.total_lines(experiment.pk, stream)
+    end = form.cleaned_data["end"]
+    end = total if end is None else min(end, total)
+    start = form.cleaned_data["start"]
+    start = max(0, end - logview.MAX_LINES) if start is None else start
+    first, lines = logview.line_range(experiment.pk, stream, start, end)
+    return JsonResponse({"stream": stream, "first": first, "lines": lines, "total": total})
+
+
+@login_required
+@require_GET
+def log_search(request: HttpRequest, experiment_id) -> HttpResponse:
+    experiment = get_experiment(request.user, experiment_id)
+    form = LogSearchForm(request.GET)
+    matches, truncated = [], False
+    if form.is_valid():
+        matches, truncated = logview.search(experiment.pk, form.cleaned_data["stream"], form.cleaned_data["q"])
+    context = {"experiment": experiment, "form": form, "matches": matches, "truncated": truncated}
+    return render(request, "experiments/_log_search.html", context)
+
+
+@login_required
+@require_GET
+def log_download(request: HttpRequest, experiment_id) -> StreamingHttpResponse:
+    experiment = get_experiment(request.user, experiment_id)
+    stream = request.GET.get("stream", "")
+    if not stream or stream not in logview.stream_names(experiment.pk):
+        raise Http404("No such log")
+    filename = f"{experiment.short_id}-{stream.replace(':', '-')}.log"
+    response = StreamingHttpResponse(logview.iter_text(experiment.pk, stream), content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response

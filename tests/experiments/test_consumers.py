@@ -1,0 +1,88 @@
+"""The live log WebSocket, through the real ASGI application (session cookie, origin check)."""
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.test import Client
+
+from aichor.asgi import application
+from experiments import services
+from experiments.logs import append_log
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def communicator_for(user, experiment_id, stream="process:worker-0") -> WebsocketCommunicator:
+    headers = [(b"origin", b"http://testserver"), (b"host", b"testserver")]
+    if user is not None:
+        client = Client()
+        client.force_login(user)
+        headers.append(
+            (b"cookie", f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}".encode())
+        )
+    return WebsocketCommunicator(application, f"/ws/experiments/{experiment_id}/logs/?stream={stream}", headers=headers)
+
+
+@pytest.fixture
+def experiment(project):
+    return services.create_experiment(
+        project=project, message="aichor[t.yaml]: x", manifest_path="aichor_manifests/t.yaml"
+    )
+
+
+def test_member_gets_the_tail_then_new_lines_then_the_end(member_user, experiment):
+    append_log(experiment.pk, "process:worker-0", "".join(f"old {i}\n" for i in range(1500)))
+
+    ws = communicator_for(member_user, experiment.pk)
+
+    async def scenario():
+        connected, _ = await ws.connect()
+        assert connected
+        first = await ws.receive_json_from(timeout=5)
+        # Tail first: the last 1 000 of 1 500 lines, numbered from where they are in the log.
+        assert first == {"type": "lines", "first": 500, "lines": [f"old {i}" for i in range(500, 1500)], "total": 1500}
+        streams = await ws.receive_json_from(timeout=5)
+        assert streams == {"type": "streams", "streams": ["process:worker-0"]}
+        await _sync(append_log)(experiment.pk, "process:worker-0", "\x1b[32mepoch 1 done\x1b[0m\n")
+        update = await ws.receive_json_from(timeout=5)
+        assert update == {"type": "lines", "first": 1500, "lines": ["\x1b[32mepoch 1 done\x1b[0m"], "total": 1501}
+        await _sync(services.cancel_experiment)(experiment)
+        message = await ws.receive_json_from(timeout=5)
+        while message["type"] == "streams":
+            message = await ws.receive_json_from(timeout=5)
+        assert message == {"type": "end", "status": "Cancelled"}
+        await ws.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def _sync(fn):
+    from channels.db import database_sync_to_async
+
+    return database_sync_to_async(fn)
+
+
+@pytest.mark.parametrize("persona", ["outsider_user", None])
+def test_outsider_and_anonymous_are_refused(request, experiment, persona):
+    user = request.getfixturevalue(persona) if persona else None
+    append_log(experiment.pk, "process:worker-0", "secret output\n")
+
+    ws = communicator_for(user, experiment.pk)
+
+    async def scenario():
+        connected, _ = await ws.connect()
+        assert not connected
+        await ws.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_unknown_experiment_is_refused(member_user, project):
+    ws = communicator_for(member_user, "00000000-0000-0000-0000-000000000000")
+
+    async def scenario():
+        connected, _ = await ws.connect()
+        assert not connected
+
+    async_to_sync(scenario)()

@@ -1,0 +1,119 @@
+"""The Django admin: project admins manage their own projects and see nothing of the others."""
+
+import pytest
+
+from experiments import services
+from projects.models import Membership
+from projects.services import create_project
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def other_project(outsider_user, local_engine):
+    return create_project(name="Secret", slug="secret", engines=[local_engine], admins=[outsider_user])
+
+
+def test_project_admin_enters_the_admin_and_sees_only_their_projects(client, admin_user, project, other_project):
+    assert not admin_user.is_staff
+    client.force_login(admin_user)
+    html = client.get("/admin/projects/project/").content.decode()
+    assert "Vision" in html and "Secret" not in html
+    assert client.get(f"/admin/projects/project/{project.pk}/change/").status_code == 200
+    # Someone else's project: the admin answers as for a missing object.
+    response = client.get(f"/admin/projects/project/{other_project.pk}/change/")
+    assert response.status_code == 302 and response["Location"] == "/admin/"
+
+
+def test_project_admin_edits_settings_and_members(client, admin_user, member_user, project, django_user_model):
+    newcomer = django_user_model.objects.create_user("new@example.com", "new@example.com", "pw-new-12345")
+    client.force_login(admin_user)
+    memberships = list(project.memberships.order_by("pk"))
+    data = {
+        "name": "Vision",
+        "repo_clone_url": "https://github.com/acme/vision2.git",
+        "repo_web_url": "https://github.com/acme/vision2",
+        "engines": [project.default_engine_id],
+        "default_engine": project.default_engine_id,
+        "memberships-TOTAL_FORMS": str(len(memberships) + 1),
+        "memberships-INITIAL_FORMS": str(len(memberships)),
+        "memberships-MIN_NUM_FORMS": "0",
+        "memberships-MAX_NUM_FORMS": "1000",
+    }
+    for i, m in enumerate(memberships):
+        data |= {
+            f"memberships-{i}-id": m.pk,
+            f"memberships-{i}-project": project.pk,
+            f"memberships-{i}-user": m.user_id,
+            f"memberships-{i}-role": m.role,
+        }
+    n = len(memberships)
+    data |= {
+        f"memberships-{n}-project": project.pk,
+        f"memberships-{n}-user": newcomer.pk,
+        f"memberships-{n}-role": "member",
+    }
+    response = client.post(f"/admin/projects/project/{project.pk}/change/", data)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    project.refresh_from_db()
+    assert project.repo_web_url == "https://github.com/acme/vision2"
+    assert Membership.objects.filter(project=project, user=newcomer, role="member").exists()
+
+
+def test_project_admin_cannot_create_projects_or_touch_engines_and_users(client, admin_user, project):
+    client.force_login(admin_user)
+    assert client.get("/admin/projects/project/add/").status_code == 403
+    assert client.get("/admin/projects/engine/").status_code == 403
+    assert client.get("/admin/auth/user/").status_code == 403
+    index = client.get("/admin/").content.decode()
+    assert "/admin/projects/project/" in index and "/admin/projects/engine/" not in index
+
+
+def test_members_and_outsiders_do_not_enter_the_admin(client, member_user, outsider_user, project):
+    for user in (member_user, outsider_user):
+        client.force_login(user)
+        assert client.get("/admin/").status_code == 302
+        assert client.get("/admin/projects/project/").status_code == 302
+
+
+def test_project_admin_sees_only_their_experiments_read_only(client, admin_user, project, other_project):
+    mine = services.create_experiment(project=project, message="mine", manifest_path="m.yaml")
+    theirs = services.create_experiment(project=other_project, message="theirs", manifest_path="m.yaml")
+    client.force_login(admin_user)
+    html = client.get("/admin/experiments/experiment/").content.decode()
+    assert mine.short_id in html and theirs.short_id not in html
+    assert "Secret" not in html  # no project filter listing other projects
+    page = client.get(f"/admin/experiments/experiment/{mine.pk}/change/")
+    assert page.status_code == 200 and "Waiting" in page.content.decode()
+    assert client.get(f"/admin/experiments/experiment/{theirs.pk}/change/").status_code == 302
+    client.post(f"/admin/experiments/experiment/{mine.pk}/change/", {"status": "Succeeded"})
+    mine.refresh_from_db()
+    assert mine.status == "Created"
+
+
+def test_superuser_sees_everything(client, django_user_model, project, other_project):
+    boss = django_user_model.objects.create_superuser("boss@example.com", "boss@example.com", "pw-boss-123")
+    client.force_login(boss)
+    html = client.get("/admin/projects/project/").content.decode()
+    assert "Vision" in html and "Secret" in html
+    assert client.get("/admin/projects/project/add/").status_code == 200
+    response = client.post(
+        "/admin/projects/project/add/",
+        {
+            "name": "Speech",
+            "slug": "speech",
+            "repo_clone_url": "",
+            "repo_web_url": "",
+            "engines": [project.default_engine_id],
+            "default_engine": project.default_engine_id,
+            "memberships-TOTAL_FORMS": "0",
+            "memberships-INITIAL_FORMS": "0",
+            "memberships-MIN_NUM_FORMS": "0",
+            "memberships-MAX_NUM_FORMS": "1000",
+        },
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    from projects.models import Project
+
+    speech = Project.objects.get(slug="speech")
+    assert speech.namespace.startswith("speech-") and speech.webhook_secret

@@ -35,7 +35,6 @@ CSRF_TRUSTED_ORIGINS = env_list("AICHOR_CSRF_TRUSTED_ORIGINS", [])
 PUBLIC_URL = env_str("AICHOR_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
 
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -52,6 +51,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (our CSS/JS and the npm packages) from the same server: `make run` has no nginx.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -111,6 +112,8 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"]
+# Serve straight from the source folders too, so a checkout works before collectstatic runs.
+WHITENOISE_USE_FINDERS = True
 if (BASE_DIR / "node_modules").exists():
     STATICFILES_DIRS.append(("vendor", BASE_DIR / "node_modules"))
 

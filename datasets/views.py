@@ -262,15 +262,17 @@ def upload_start(request: HttpRequest, slug: str) -> JsonResponse:
 
 @login_required
 @require_http_methods(["PUT"])
-def upload_part(request: HttpRequest, slug: str) -> JsonResponse:
-    project = get_project(request.user, slug)
+async def upload_part(request: HttpRequest, slug: str) -> JsonResponse:
+    # Async so that the uploader's parts in flight are stored in parallel: a sync view would run
+    # them one after another on Django's single sync thread.
+    project = await sync_to_async(get_project)(await request.auser(), slug)
     try:
         bucket = services.bucket_name(project, request.GET.get("bucket", ""))
         length = _int(request.META.get("CONTENT_LENGTH"), "Content-Length")
         # A part is a few MiB; anything bigger is not from our uploader.
         if length < 0 or length > services.part_size_for(services.MAX_OBJECT_SIZE):
             raise InvalidKey("the part is too large")
-        services.upload_part(
+        await sync_to_async(services.upload_part, thread_sensitive=False)(
             bucket,
             request.GET.get("key", ""),
             request.GET.get("upload_id", ""),

@@ -54,16 +54,18 @@ def create_experiment(
     manifest_path: str,
     resubmitted_from: Experiment | None = None,
 ) -> Experiment:
-    engine = engine or project.default_engine
-    if engine is None:
+    engine_id = engine.pk if engine else project.default_engine_id
+    if engine_id is None:
         raise ExperimentError(f"project {project.slug} has no engine")
-    if not project.engines.filter(pk=engine.pk).exists():
+    # The default engine is always one of the project's (create_project sees to it).
+    if engine_id != project.default_engine_id and not project.engines.filter(pk=engine_id).exists():
         raise ExperimentError(f"engine {engine.name} is not enabled for project {project.slug}")
     now = timezone.now()
-    with transaction.atomic():
+    # savepoint=False: inside a webhook's transaction a savepoint would only cost round trips.
+    with transaction.atomic(savepoint=False):
         experiment = Experiment.objects.create(
             project=project,
-            engine=engine,
+            engine_id=engine_id,
             source=source,
             clone_url=clone_url or project.repo_clone_url,
             commit_sha=commit_sha,
@@ -103,10 +105,9 @@ def create_experiment_from_push(
     """Returns (experiment, created). A delivery id seen before creates nothing."""
     try:
         with transaction.atomic():
-            delivery = WebhookDelivery.objects.create(project=project, provider=provider, delivery_id=delivery_id)
             experiment = create_experiment(project=project, **fields)
-            delivery.experiment = experiment
-            delivery.save(update_fields=["experiment"])
+            # Inserted last, with its experiment: a duplicate id rolls the whole delivery back.
+            WebhookDelivery.objects.create(project=project, provider=provider, delivery_id=delivery_id, experiment=experiment)
     except IntegrityError:
         return None, False
     return experiment, True
@@ -290,3 +291,47 @@ def step_log(experiment_id, step: str, text: str) -> None:
 
 def stale_active(seconds: float):
     return Experiment.objects.active().filter(heartbeat_at__lt=timezone.now() - timedelta(seconds=seconds))
+
+
+# --- Debug hold (SPEC §7) ------------------------------------------------------------------
+def is_held(experiment: Experiment) -> bool:
+    """A failed experiment whose containers are kept for debugging right now."""
+    return bool(experiment.status == Status.FAILED and experiment.hold_until and experiment.hold_until > timezone.now())
+
+
+def hold_for_debugging(experiment_id, seconds: float) -> bool:
+    """Keep a failed experiment's processes for `seconds`; the stop task leaves them alone until
+    release_hold (a person, or reconcile once hold_until has passed)."""
+    until = timezone.now() + timedelta(seconds=seconds)
+    with transaction.atomic():
+        if not Experiment.objects.filter(pk=experiment_id, status=Status.FAILED, hold_until__isnull=True).update(
+            hold_until=until
+        ):
+            return False
+        Event.objects.create(
+            experiment_id=experiment_id,
+            kind=Event.Kind.ACTION,
+            reason=f"held for debugging until {until:%Y-%m-%d %H:%M:%S %Z}",
+            data={"hold_until": until.isoformat(), "seconds": seconds},
+        )
+    return True
+
+
+def release_hold(experiment_id, *, actor=None, reason: str = "") -> bool:
+    """End a debug hold now and remove the kept processes. False when nothing was held."""
+    who = actor.get_username() if actor else "the system"
+    with transaction.atomic():
+        if not Experiment.objects.filter(pk=experiment_id, hold_until__isnull=False).update(hold_until=None):
+            return False
+        Event.objects.create(
+            experiment_id=experiment_id,
+            kind=Event.Kind.ACTION,
+            reason=reason or f"debug hold released by {who}",
+            actor=actor,
+        )
+        _enqueue("stop", experiment_id)
+    return True
+
+
+def expired_holds():
+    return Experiment.objects.filter(hold_until__isnull=False, hold_until__lte=timezone.now())

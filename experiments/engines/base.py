@@ -47,6 +47,12 @@ class ExecSession:
         """Bytes, b"" when nothing arrived within timeout, None at end of stream."""
         raise NotImplementedError
 
+    def fileno(self) -> int | None:
+        """A descriptor that polls readable when read(0) has bytes (or the end) for a caller
+        with an event loop; None for streams without one (a Kubernetes exec websocket), which
+        are read from a thread instead."""
+        return None
+
     def resize(self, rows: int, cols: int) -> None:
         raise NotImplementedError
 

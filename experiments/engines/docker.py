@@ -343,7 +343,9 @@ class DockerEngine(Engine):
                 image = container.commit(
                     repository=f"aichor-hold/{experiment_id[:8]}-{name}",
                     tag=os.urandom(3).hex(),
-                    changes=[f"LABEL {HOLD_LABEL}={experiment_id}"],
+                    # A commit inherits the image's labels: blank the build key, or a later
+                    # build of the same code would "reuse" this snapshot of a failed run.
+                    changes=[f'LABEL {HOLD_LABEL}={experiment_id} {BUILD_KEY_LABEL}=""'],
                 )
                 images.append(image.id)
                 config = container.attrs["Config"]

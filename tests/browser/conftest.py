@@ -1,12 +1,11 @@
-"""Browser fixtures: the real ASGI application (HTTP and WebSockets) served by daphne, and
+"""Browser fixtures: the real ASGI application (HTTP and WebSockets) served by uvicorn, and
 Chromium driven by Playwright.
 
 The server runs in a thread of the test process, not a subprocess, on purpose:
 - it shares the test database (PostgreSQL, or SQLite's shared-cache in-memory database),
 - it shares the in-memory Celery broker, so a webhook or a Cancel clicked in the browser reaches
   the `celery_worker_thread` worker of the same test.
-Twisted's reactor cannot be restarted, so the server lives for the whole session; tests that use
-it must run with a transactional database (`live_asgi` requests `transactional_db`; pytest-django reserves the name live_server).
+The server lives for the whole session; tests that use it must run with a transactional database (`live_asgi` requests `transactional_db`; pytest-django reserves the name live_server).
 
 Use:  def test_x(logged_in_page, live_asgi, screenshot): ...
       logged_in_page.goto(live_asgi.url + "/p/vision/"); screenshot(logged_in_page, "list")
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import unavailable
+from tests.conftest import unavailable, wait_for
 
 CHROMIUM = os.environ.get("AICHOR_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -51,41 +50,36 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def _daphne_server() -> LiveServer:
-    import daphne.server  # noqa: F401  (installs the asyncio reactor before twisted is imported)
-    from daphne.server import Server
-    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+def _asgi_server() -> LiveServer:
+    import uvicorn
 
     from aichor.asgi import application
 
-    port = _free_port()
-    ready = threading.Event()
-    server = Server(
-        ASGIStaticFilesHandler(application),
-        endpoints=[f"tcp:port={port}:interface=127.0.0.1"],
-        signal_handlers=False,
-        ready_callable=ready.set,
-        verbosity=0,
+    # As scripts/run.sh serves it: httptools for HTTP, the websockets library for WebSockets.
+    config = uvicorn.Config(
+        application,
+        host="127.0.0.1",
+        port=0,
+        http="httptools",
+        ws="websockets-sansio",
+        lifespan="off",
+        log_level="warning",
     )
-    thread = threading.Thread(target=server.run, name="daphne-live-server", daemon=True)
+    server = uvicorn.Server(config)
+    # Not in the main thread, uvicorn installs no signal handlers.
+    thread = threading.Thread(target=server.run, name="uvicorn-live-server", daemon=True)
     thread.start()
-    if not ready.wait(15):
-        pytest.fail("daphne did not start")
-    # ready fires before the socket listens: wait until it accepts.
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            threading.Event().wait(0.05)
-    yield LiveServer(url=f"http://127.0.0.1:{port}", ws_url=f"ws://127.0.0.1:{port}")
-    # The daemon thread dies with the process; stopping the reactor from here races its loop.
+    wait_for(lambda: server.started, timeout=20, message="uvicorn to listen")
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    yield LiveServer(url=f"http://{host}:{port}", ws_url=f"ws://{host}:{port}")
+    server.should_exit = True
+    thread.join(10)
 
 
 @pytest.fixture
-def live_asgi(_daphne_server, transactional_db) -> LiveServer:
+def live_asgi(_asgi_server, transactional_db) -> LiveServer:
     """The dashboard over real HTTP + WebSockets, seeing this test's committed data."""
-    return _daphne_server
+    return _asgi_server
 
 
 @pytest.fixture(scope="session")

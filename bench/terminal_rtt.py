@@ -1,0 +1,153 @@
+"""Terminal keystroke round-trip: one byte typed into the browser terminal's WebSocket (uvicorn,
+the Channels consumer, docker exec with a TTY) until its echo comes back, against the same byte
+through a bare `docker exec -it` on the same container. Both sides talk to `cat` on a raw TTY,
+so every echo went through the container. 1 000 samples each, interleaved; target ratio ≤ 1.5."""
+
+import os
+import pty
+import select
+import statistics
+import sys
+import time
+import tty
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import Processes, percentile, setup_django  # noqa: E402
+
+SAMPLES = 1000
+WARMUP = 50
+CAT = "stty raw -echo; exec cat"
+ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
+
+
+class DockerExecTTY:
+    """`docker exec -it` under a pseudo-terminal of our own, as a person at a shell would run it."""
+
+    def __init__(self, container_id: str) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            # Raw from the start: the pty's own echo would answer before the container does.
+            tty.setraw(0)
+            os.execvp("docker", ["docker", "exec", "-it", container_id, "sh", "-c", CAT])
+        self.pending = b""
+        os.write(self.fd, b"READY")
+        self.until(b"READY")
+        # Typed before cat set the TTY raw, READY may come back twice (TTY echo, then cat):
+        # nothing stale may be left to answer a sample.
+        while select.select([self.fd], [], [], 0.3)[0]:
+            os.read(self.fd, 65536)
+        self.pending = b""
+
+    def until(self, needle: bytes, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.pending:
+            if not select.select([self.fd], [], [], max(0.001, deadline - time.monotonic()))[0]:
+                raise TimeoutError(f"no {needle!r} from docker exec; got {self.pending[-200:]!r}")
+            self.pending += os.read(self.fd, 65536)
+        self.pending = self.pending[self.pending.index(needle) + len(needle) :]
+
+    def sample(self, byte: bytes) -> float:
+        start = time.perf_counter()
+        os.write(self.fd, byte)
+        self.until(byte)
+        return (time.perf_counter() - start) * 1000
+
+    def close(self) -> None:
+        os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
+
+
+def measure(url: str, experiment_id: str, cookie: str, container_id: str) -> tuple[list[float], list[float]]:
+    """Samples alternate between the two paths, so both see the same machine load. The asyncio
+    WebSocket client: the sync one hands every frame over from a reader thread of its own."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    ws_url = url.replace("http://", "ws://") + f"/ws/experiments/{experiment_id}/terminal/?process=worker-0"
+
+    async def run() -> tuple[list[float], list[float]]:
+        async with connect(ws_url, additional_headers={"Cookie": cookie, "Origin": url}, compression=None) as ws:
+            pending = b""
+
+            async def until(needle: bytes, timeout: float = 10) -> None:
+                nonlocal pending
+                async with asyncio.timeout(timeout):
+                    while needle not in pending:
+                        frame = await ws.recv()
+                        pending += frame if isinstance(frame, bytes) else frame.encode()
+                pending = pending[pending.index(needle) + len(needle) :]
+
+            await until(b"# ")  # the login shell's prompt
+            await ws.send(f"{CAT}\n".encode())
+            await ws.send(b"READY")
+            await until(b"READY")  # echoed by cat itself: the shell has become cat on a raw TTY
+            bare = DockerExecTTY(container_id)
+            via_ws, via_exec = [], []
+            try:
+                for i in range(WARMUP + SAMPLES):
+                    byte = ALPHABET[i % len(ALPHABET) : i % len(ALPHABET) + 1]
+                    start = time.perf_counter()
+                    await ws.send(byte)
+                    await until(byte)
+                    ws_ms = (time.perf_counter() - start) * 1000
+                    exec_ms = bare.sample(byte)
+                    if i >= WARMUP:
+                        via_ws.append(ws_ms)
+                        via_exec.append(exec_ms)
+            finally:
+                bare.close()
+            return via_ws, via_exec
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    env = setup_django("aichor_bench_terminal")
+    import docker
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from experiments import services
+    from experiments.engines import get_engine
+    from experiments.models import StepName
+    from projects.models import Engine, Project
+    from projects.services import create_project
+    from tests.conftest import ensure_test_image
+    from tests.experiments.test_terminal import start_running_experiment
+
+    ensure_test_image(docker.from_env())
+    Project.objects.filter(slug="bench-term").delete()
+    engine, _ = Engine.objects.get_or_create(name="bench-docker", defaults={"kind": "docker"})
+    user, _ = get_user_model().objects.get_or_create(username="bench-term@example.com")
+    project = create_project(name="Bench terminal", slug="bench-term", engines=[engine], members=[user])
+    experiment = start_running_experiment(project, engine)
+    assert experiment.current_step == StepName.RUNNING
+    client = Client()
+    client.force_login(user)
+    cookie = f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
+
+    procs = Processes(env)
+    try:
+        url = procs.server()
+        via_ws, bare = measure(url, str(experiment.pk), cookie, experiment.handle["containers"]["worker-0"])
+    finally:
+        procs.stop_all()
+        services.cancel_experiment(experiment)
+        get_engine(engine).cleanup_experiment(str(experiment.pk))
+
+    print(f"terminal keystroke echo round-trip, {SAMPLES} samples each (ms)")
+    for name, values in (("websocket (uvicorn + consumer + docker exec)", via_ws), ("bare docker exec -it", bare)):
+        print(
+            f"  {name:45s} p50 {percentile(values, 50):6.3f}  p99 {percentile(values, 99):6.3f}"
+            f"  mean {statistics.mean(values):6.3f}"
+        )
+    ratio50 = percentile(via_ws, 50) / percentile(bare, 50)
+    ratio99 = percentile(via_ws, 99) / percentile(bare, 99)
+    print(f"  ratio websocket / docker exec: p50 {ratio50:.2f}  p99 {ratio99:.2f}  (target p50 <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

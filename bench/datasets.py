@@ -100,7 +100,18 @@ def main() -> None:
 
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "uvicorn"), "aichor.asgi:application", "--host", "127.0.0.1", "--port", str(port), "--ws", "websockets-sansio", "--log-level", "warning"],
+        [
+            str(Path(sys.executable).parent / "uvicorn"),
+            "aichor.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ws",
+            "websockets-sansio",
+            "--log-level",
+            "warning",
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -52,8 +52,7 @@ def main() -> None:
     url = procs.server()
     session = requests.Session()
 
-    def push(message: str) -> tuple[float, requests.Response]:
-        sha = repo.commit(files, message)
+    def deliver(sha: str, message: str) -> requests.Response:
         body = json.dumps({"ref": "refs/heads/main", "head_commit": {"id": sha, "message": message}}).encode()
         headers = {
             "X-GitHub-Event": "push",
@@ -61,8 +60,12 @@ def main() -> None:
             "X-Hub-Signature-256": "sha256=" + hmac.new(b"bench", body, hashlib.sha256).hexdigest(),
             "Content-Type": "application/json",
         }
+        return session.post(f"{url}/webhooks/github/bench/", data=body, headers=headers, timeout=10)
+
+    def push(message: str) -> tuple[float, requests.Response]:
+        sha = repo.commit(files, message)
         t0 = time.time()
-        return t0, session.post(f"{url}/webhooks/github/bench/", data=body, headers=headers, timeout=10)
+        return t0, deliver(sha, message)
 
     def started_at(experiment_id: str) -> float:
         deadline = time.time() + 120
@@ -122,18 +125,8 @@ def main() -> None:
     procs.stop(worker)
     latencies = []
     for i in range(DELIVERIES):
-        sha = f"{i:040x}"
-        body = json.dumps(
-            {"ref": "refs/heads/main", "head_commit": {"id": sha, "message": f"aichor[train.yaml]: latency {i}"}}
-        ).encode()
-        headers = {
-            "X-GitHub-Event": "push",
-            "X-GitHub-Delivery": str(uuid.uuid4()),
-            "X-Hub-Signature-256": "sha256=" + hmac.new(b"bench", body, hashlib.sha256).hexdigest(),
-            "Content-Type": "application/json",
-        }
         t0 = time.perf_counter()
-        r = session.post(f"{url}/webhooks/github/bench/", data=body, headers=headers, timeout=10)
+        r = deliver(f"{i:040x}", f"aichor[train.yaml]: latency {i}")
         latencies.append((time.perf_counter() - t0) * 1000)
         assert r.status_code == 201, r.text
     procs.stop_all()

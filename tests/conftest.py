@@ -94,6 +94,22 @@ def docker_engine(db, docker_client):
     return Engine.objects.create(name="docker", kind=Engine.Kind.DOCKER)
 
 
+@pytest.fixture
+def docker_project(docker_engine, admin_user, member_user, git_repo):
+    """A project on the docker engine (the `project` fixture runs on the local engine)."""
+    from projects.services import create_project
+
+    return create_project(
+        name="Docker",
+        slug="dock",
+        repo_clone_url=git_repo.url,
+        engines=[docker_engine],
+        admins=[admin_user],
+        members=[member_user],
+        webhook_secret="s3cret-webhook",
+    )
+
+
 class GitRepo:
     """A bare repository reachable by file:// and a working copy to commit into."""
 
@@ -251,3 +267,35 @@ def celery_worker_thread(transactional_db):
 
     with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30):
         yield
+
+
+# --- A live server ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def asgi_server_url():
+    """The real ASGI application served over HTTP and WebSockets by uvicorn, as scripts/run.sh
+    serves it (httptools, the websockets library), in a thread of the test process so that it
+    shares the test database and the in-memory Celery broker. Users need a transactional DB."""
+    import threading
+
+    import uvicorn
+
+    from aichor.asgi import application
+
+    config = uvicorn.Config(
+        application,
+        host="127.0.0.1",
+        port=0,
+        http="httptools",
+        ws="websockets-sansio",
+        lifespan="off",
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    # Not in the main thread, uvicorn installs no signal handlers.
+    thread = threading.Thread(target=server.run, name="uvicorn-live-server", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=20, message="uvicorn to listen")
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    yield f"http://{host}:{port}"
+    server.should_exit = True
+    thread.join(10)

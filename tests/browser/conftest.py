@@ -12,14 +12,12 @@ Use:  def test_x(logged_in_page, live_asgi, screenshot): ...
 """
 
 import os
-import socket
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import unavailable, wait_for
+from tests.conftest import unavailable
 
 CHROMIUM = os.environ.get("AICHOR_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -37,49 +35,16 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class LiveServer:
     url: str
     ws_url: str
 
 
-@pytest.fixture(scope="session")
-def _asgi_server() -> LiveServer:
-    import uvicorn
-
-    from aichor.asgi import application
-
-    # As scripts/run.sh serves it: httptools for HTTP, the websockets library for WebSockets.
-    config = uvicorn.Config(
-        application,
-        host="127.0.0.1",
-        port=0,
-        http="httptools",
-        ws="websockets-sansio",
-        lifespan="off",
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    # Not in the main thread, uvicorn installs no signal handlers.
-    thread = threading.Thread(target=server.run, name="uvicorn-live-server", daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=20, message="uvicorn to listen")
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
-    yield LiveServer(url=f"http://{host}:{port}", ws_url=f"ws://{host}:{port}")
-    server.should_exit = True
-    thread.join(10)
-
-
 @pytest.fixture
-def live_asgi(_asgi_server, transactional_db) -> LiveServer:
+def live_asgi(asgi_server_url, transactional_db) -> LiveServer:
     """The dashboard over real HTTP + WebSockets, seeing this test's committed data."""
-    return _asgi_server
+    return LiveServer(url=asgi_server_url, ws_url=asgi_server_url.replace("http://", "ws://", 1))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,30 +16,8 @@ AICHOR = str(Path(sys.executable).with_name("aichor"))
 
 
 @pytest.fixture(scope="session")
-def server_url() -> str:
-    import uvicorn
-
-    from aichor.asgi import application
-
-    # As scripts/run.sh serves it: httptools for HTTP, the websockets library for WebSockets.
-    config = uvicorn.Config(
-        application,
-        host="127.0.0.1",
-        port=0,
-        http="httptools",
-        ws="websockets-sansio",
-        lifespan="off",
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    # Not in the main thread, uvicorn installs no signal handlers.
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=20, message="uvicorn to listen")
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
-    yield f"http://{host}:{port}"
-    server.should_exit = True
-    thread.join(10)
+def server_url(asgi_server_url) -> str:
+    return asgi_server_url
 
 
 class Cli:

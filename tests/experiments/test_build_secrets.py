@@ -18,7 +18,7 @@ from experiments.engines.base import Cancelled
 from experiments.engines.docker import DockerEngine
 from experiments.models import Experiment, Status
 from experiments.services import cancel_experiment
-from projects.services import create_project, set_variable
+from projects.services import set_variable
 from tests.conftest import TEST_IMAGE, github_push, manifest_yaml, unavailable, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
@@ -30,19 +30,6 @@ MOUNT = "--mount=type=secret,id=_env,dst=/etc/secrets/.env"
 def buildah():
     if not shutil.which("buildah"):
         unavailable("buildah is not installed (apt-get install buildah)")
-
-
-@pytest.fixture
-def secret_project(docker_engine, admin_user, member_user, git_repo):
-    return create_project(
-        name="Docker secrets",
-        slug="dsec",
-        repo_clone_url=git_repo.url,
-        engines=[docker_engine],
-        admins=[admin_user],
-        members=[member_user],
-        webhook_secret="s3cret-webhook",
-    )
 
 
 def push(client, project, git_repo, command: str, dockerfile: str) -> str:
@@ -81,12 +68,12 @@ def processes_running(marker: str) -> list[int]:
 
 
 def test_sensitive_build_variable_is_mounted_as_env_secret_and_stored_nowhere(
-    client, secret_project, git_repo, docker_client, buildah, celery_worker_thread
+    client, docker_project, git_repo, docker_client, buildah, celery_worker_thread
 ):
     secret = f"s3cr3t-value-{uuid.uuid4().hex}"
     plain = f"plain-value-{uuid.uuid4().hex}"
-    set_variable(secret_project, name="API_TOKEN", kind="build", value=secret, sensitive=True)
-    set_variable(secret_project, name="PLAIN_ARG", kind="build", value=plain, sensitive=False)
+    set_variable(docker_project, name="API_TOKEN", kind="build", value=secret, sensitive=True)
+    set_variable(docker_project, name="PLAIN_ARG", kind="build", value=plain, sensitive=False)
     dockerfile = (
         f"FROM {TEST_IMAGE}\n"
         "ARG PLAIN_ARG\n"
@@ -96,7 +83,7 @@ def test_sensitive_build_variable_is_mounted_as_env_secret_and_stored_nowhere(
         'RUN echo "$PLAIN_ARG" > /plain\n'
     )
     command = "cat /count /plain; test -e /etc/secrets/.env && echo secret-file-left || echo no-secret-file"
-    experiment = ended(push(client, secret_project, git_repo, command, dockerfile))
+    experiment = ended(push(client, docker_project, git_repo, command, dockerfile))
     assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
 
     output = logs.log_text(experiment.pk, "process:worker-0").split()
@@ -126,12 +113,12 @@ def test_sensitive_build_variable_is_mounted_as_env_secret_and_stored_nowhere(
 
 
 def test_build_without_secrets_keeps_the_classic_builder(
-    client, secret_project, git_repo, docker_client, celery_worker_thread
+    client, docker_project, git_repo, docker_client, celery_worker_thread
 ):
     plain = f"plain-value-{uuid.uuid4().hex}"
-    set_variable(secret_project, name="PLAIN_ARG", kind="build", value=plain, sensitive=False)
+    set_variable(docker_project, name="PLAIN_ARG", kind="build", value=plain, sensitive=False)
     dockerfile = f'FROM {TEST_IMAGE}\nARG PLAIN_ARG\nRUN echo "$PLAIN_ARG" > /plain\n'
-    experiment = ended(push(client, secret_project, git_repo, "cat /plain", dockerfile))
+    experiment = ended(push(client, docker_project, git_repo, "cat /plain", dockerfile))
     assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
     assert logs.log_text(experiment.pk, "process:worker-0").strip() == plain
     build_log = logs.log_text(experiment.pk, "step:Building")
@@ -140,24 +127,24 @@ def test_build_without_secrets_keeps_the_classic_builder(
 
 
 def test_failing_secret_build_fails_at_building_with_buildah_output(
-    client, secret_project, git_repo, docker_client, buildah, celery_worker_thread
+    client, docker_project, git_repo, docker_client, buildah, celery_worker_thread
 ):
-    set_variable(secret_project, name="API_TOKEN", kind="build", value="tok", sensitive=True)
+    set_variable(docker_project, name="API_TOKEN", kind="build", value="tok", sensitive=True)
     dockerfile = f"FROM {TEST_IMAGE}\nRUN {MOUNT} grep -q NOT_THERE /etc/secrets/.env\n"
-    experiment = ended(push(client, secret_project, git_repo, "true", dockerfile))
+    experiment = ended(push(client, docker_project, git_repo, "true", dockerfile))
     assert experiment.status == Status.FAILED
     assert "Build failed" in experiment.failure_reason
     assert "grep -q NOT_THERE" in logs.log_text(experiment.pk, "step:Building")
 
 
 def test_cancel_while_building_with_secrets_stops_buildah(
-    client, secret_project, git_repo, docker_client, member_user, buildah, celery_worker_thread
+    client, docker_project, git_repo, docker_client, member_user, buildah, celery_worker_thread
 ):
-    set_variable(secret_project, name="API_TOKEN", kind="build", value="tok", sensitive=True)
+    set_variable(docker_project, name="API_TOKEN", kind="build", value="tok", sensitive=True)
     marker = f"building-{uuid.uuid4().hex}"
     # The marker after the sleep keeps the shell (and the marker in its command line) alive.
     dockerfile = f"FROM {TEST_IMAGE}\nRUN {MOUNT} sleep 120 && echo {marker}\n"
-    experiment_id = push(client, secret_project, git_repo, "echo never", dockerfile)
+    experiment_id = push(client, docker_project, git_repo, "echo never", dockerfile)
     wait_for(lambda: processes_running(marker), timeout=60, message="the build to run")
     cancel_experiment(Experiment.objects.get(pk=experiment_id), actor=member_user)
     wait_for(lambda: not processes_running(marker), timeout=30, message="the build to stop")

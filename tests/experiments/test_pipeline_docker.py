@@ -7,25 +7,11 @@ import pytest
 from experiments import logs
 from experiments.models import Experiment, Status, StepName, StepStatus
 from experiments.services import cancel_experiment
-from projects.services import create_project
 from tests.conftest import TEST_IMAGE, containers_of, github_push, manifest_yaml, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
 
 DOCKERFILE = f"FROM {TEST_IMAGE}\nWORKDIR /app\nCOPY . /app\n"
-
-
-@pytest.fixture
-def docker_project(docker_engine, admin_user, member_user, git_repo):
-    return create_project(
-        name="Docker",
-        slug="dock",
-        repo_clone_url=git_repo.url,
-        engines=[docker_engine],
-        admins=[admin_user],
-        members=[member_user],
-        webhook_secret="s3cret-webhook",
-    )
 
 
 def push(client, project, git_repo, command: str, *, dockerfile: str = DOCKERFILE, **manifest_kwargs) -> str:

@@ -17,7 +17,6 @@ from experiments.engines import get_engine
 from experiments.engines.base import ProcessSpec
 from experiments.models import Event, Experiment, Status, StepName
 from experiments.pipeline import reconcile
-from projects.services import create_project
 from tests.conftest import TEST_IMAGE, containers_of, github_push, manifest_yaml, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
@@ -41,19 +40,6 @@ def start_running_experiment(project, engine_model, processes=("worker-0",), com
     assert services.set_fields(experiment.pk, handle=handle)
     assert services.begin_step(experiment.pk, StepName.RUNNING)
     return Experiment.objects.get(pk=experiment.pk)
-
-
-@pytest.fixture
-def docker_project(docker_engine, admin_user, member_user, git_repo):
-    return create_project(
-        name="Docker",
-        slug="dock",
-        repo_clone_url=git_repo.url,
-        engines=[docker_engine],
-        admins=[admin_user],
-        members=[member_user],
-        webhook_secret="s3cret-webhook",
-    )
 
 
 @pytest.fixture

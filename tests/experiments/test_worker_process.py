@@ -15,7 +15,6 @@ from django.db import connection
 
 from experiments import logs
 from experiments.models import Experiment, Status, StepName
-from projects.services import create_project
 from tests.conftest import TEST_IMAGE, containers_of, manifest_yaml, unavailable, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
@@ -105,18 +104,6 @@ def start_server(start) -> str:
 
     wait_for(up, timeout=30, message="uvicorn to listen")
     return url
-
-
-@pytest.fixture
-def docker_project(docker_engine, admin_user, git_repo):
-    return create_project(
-        name="Proc",
-        slug="proc",
-        repo_clone_url=git_repo.url,
-        engines=[docker_engine],
-        admins=[admin_user],
-        webhook_secret="s3cret-webhook",
-    )
 
 
 def signed_push(url: str, project, sha: str, message: str) -> requests.Response:

@@ -9,8 +9,6 @@ from django.contrib.auth.decorators import login_required
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
-from django.template import TemplateDoesNotExist
-from django.template.loader import get_template
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
@@ -204,15 +202,6 @@ def injected_variables(experiment: Experiment) -> list[dict]:
     return rows
 
 
-def _terminal_template() -> str | None:
-    # The terminal is another engineer's partial; the page works with or without it.
-    try:
-        get_template("experiments/_terminal.html")
-    except TemplateDoesNotExist:
-        return None
-    return "experiments/_terminal.html"
-
-
 @login_required
 @require_GET
 def experiment_detail(request: HttpRequest, experiment_id) -> HttpResponse:
@@ -237,7 +226,6 @@ def experiment_detail(request: HttpRequest, experiment_id) -> HttpResponse:
         "initial_stream": initial,
         "resources": resources_of(experiment.manifest),
         "resubmissions": list(experiment.resubmissions.only("id", "created_at", "status")),
-        "terminal_template": _terminal_template(),
         "ws_path": f"/ws/experiments/{experiment.pk}/logs/",
         "section": "experiments",
     }

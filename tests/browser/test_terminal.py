@@ -10,7 +10,7 @@ from experiments import pipeline, services
 from experiments.engines import get_engine
 from experiments.models import Experiment
 from tests.conftest import containers_of, wait_for
-from tests.experiments.test_terminal import docker_project, start_running_experiment  # noqa: F401
+from tests.experiments.test_terminal import start_running_experiment
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker]
 
@@ -54,7 +54,7 @@ def open_terminal(page, live_asgi, experiment, process: str = "worker-0") -> Non
 
 
 @pytest.fixture
-def running_docker(docker_project, docker_engine, docker_client):  # noqa: F811
+def running_docker(docker_project, docker_engine, docker_client):
     experiment = start_running_experiment(docker_project, docker_engine, processes=("worker-0", "worker-1"))
     yield experiment
     get_engine(docker_engine).cleanup_experiment(str(experiment.pk))
@@ -126,3 +126,20 @@ def test_terminal_on_a_held_failed_experiment(
         page.click("#terminal-card .hold button")
     page.locator("#terminal-card").wait_for(state="detached")
     wait_for(lambda: not containers_of(docker_client, experiment.pk), timeout=30, message="the held containers to go")
+
+
+def test_terminal_card_appears_when_the_workload_starts(
+    client, logged_in_page, live_asgi, project, git_repo, member_user, celery_worker_thread
+):
+    from experiments.services import cancel_experiment
+    from tests.conftest import github_push, manifest_yaml
+
+    message = "aichor[train.yaml]: long"
+    sha = git_repo.commit({"aichor_manifests/train.yaml": manifest_yaml("echo started; sleep 60")}, message)
+    experiment_id = github_push(client, project, sha=sha, message=message).json()["experiment"]
+    page = logged_in_page
+    page.goto(f"{live_asgi.url}/experiments/{experiment_id}/")
+    # Opened before Running: the card shows up on its own once the workload starts.
+    page.locator("#terminal-card").wait_for(timeout=60_000)
+    assert Experiment.objects.get(pk=experiment_id).current_step == "Running"
+    cancel_experiment(Experiment.objects.get(pk=experiment_id), actor=member_user)

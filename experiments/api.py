@@ -17,7 +17,8 @@ from pydantic import field_validator
 
 from experiments import services
 from experiments.logs import read_log, streams
-from experiments.models import ACTIVE_STATUSES, Experiment, Status
+from experiments.logview import follow_ended
+from experiments.models import Experiment, Status
 from projects.access import get_experiment, get_project
 from projects.models import Project
 
@@ -275,15 +276,11 @@ def _read_new(experiment_id, stream: str | None, seen: dict[str, int]) -> list[s
     return texts
 
 
-def _is_terminal(experiment_id) -> bool:
-    return not Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES).exists()
-
-
 async def _log_text(experiment_id, stream: str | None, follow: bool):
     seen: dict[str, int] = {}
     while True:
         # Terminal is read before the chunks, so the chunks read after it include the tail.
-        ended = not follow or await sync_to_async(_is_terminal)(experiment_id)
+        ended = not follow or await sync_to_async(follow_ended)(experiment_id) is not None
         while texts := await sync_to_async(_read_new)(experiment_id, stream, seen):
             for text in texts:
                 yield text

@@ -17,7 +17,6 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404
 
 from experiments import logview
-from experiments.models import TERMINAL_STATUSES, Experiment
 from projects.access import get_experiment
 
 POLL_SECONDS = 0.5
@@ -53,8 +52,8 @@ class LogConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"type": "lines", "first": first, "lines": lines, "total": total})
         position, known_streams, tick = total, None, 0
         while True:
-            status = await database_sync_to_async(self._status)()
-            ended = status in TERMINAL_STATUSES
+            status = await database_sync_to_async(logview.follow_ended)(self.experiment.pk)
+            ended = status is not None
             # Read after the status: lines written before the experiment ended are all in.
             total = await database_sync_to_async(logview.total_lines)(self.experiment.pk, self.stream)
             if total > position:
@@ -73,6 +72,3 @@ class LogConsumer(AsyncJsonWebsocketConsumer):
                 return
             tick += 1
             await asyncio.sleep(POLL_SECONDS)
-
-    def _status(self) -> str | None:
-        return Experiment.objects.filter(pk=self.experiment.pk).values_list("status", flat=True).first()

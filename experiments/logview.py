@@ -9,10 +9,14 @@ import re
 from collections.abc import Iterator
 
 from django.db.models import F
+from django.utils import timezone
 
-from experiments.models import LogChunk
+from experiments.models import TERMINAL_STATUSES, Experiment, LogChunk
 
 # The most lines one answer (HTTP or WebSocket message) carries; more is fetched on demand.
+# A cancelled or timed-out workload's last output is collected by the stop task just after the
+# status changed: a follower keeps reading this long after the end before it closes.
+LOG_SETTLE_SECONDS = 3.0
 MAX_LINES = 2000
 MAX_MATCHES = 200
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -102,3 +106,16 @@ def stream_names(experiment_id) -> list[str]:
         .distinct()
         .order_by("stream")
     )
+
+
+def follow_ended(experiment_id) -> str | None:
+    """The experiment's final status once its logs are complete, else None (keep following)."""
+    row = Experiment.objects.filter(pk=experiment_id).values_list("status", "finished_at").first()
+    if row is None:
+        return "gone"
+    status, finished_at = row
+    if status not in TERMINAL_STATUSES:
+        return None
+    if finished_at and (timezone.now() - finished_at).total_seconds() < LOG_SETTLE_SECONDS:
+        return None
+    return status

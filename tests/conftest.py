@@ -55,6 +55,12 @@ def pytest_configure(config):
         settings.DATABASES["default"].setdefault("TEST", {})["NAME"] = str(data / "test.sqlite3")
 
 
+def pytest_collection_modifyitems(config, items):
+    # Browser tests last: Playwright's sync API keeps an asyncio loop running in the main thread
+    # for the rest of the session, and async tests (channels' communicators) cannot run after it.
+    items.sort(key=lambda item: item.nodeid.startswith("tests/browser/"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _celery_memory_broker():
     from aichor.celery import app

@@ -72,10 +72,10 @@ def test_follow_then_cancel_a_long_running_one(logged_in, tmp_path, celery_worke
         "experiments", "submit", "local", "--repo-dir", str(repo), "--manifest-path", "aichor_manifests/long.yaml"
     )
     wait_for(
-        lambda: logged_in.json("experiments", "status", experiment["id"])["current_step"] == "Running",
+        lambda: "started-long" in logged_in.run("experiments", "logs", experiment["id"]).stdout,
         timeout=60,
         interval=0.3,
-        message="the workload to run",
+        message="the workload to print",
     )
     follower = logged_in.popen("experiments", "logs", "-f", experiment["id"])
     try:

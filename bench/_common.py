@@ -1,6 +1,7 @@
 """Shared set-up for benchmarks: a PostgreSQL database of their own, Django configured, and
 real server/worker processes (uvicorn, celery) with the same environment."""
 
+import atexit
 import os
 import signal
 import socket
@@ -51,6 +52,8 @@ class Processes:
     def __init__(self, env: dict) -> None:
         self.env = env
         self.children: list[subprocess.Popen] = []
+        # A benchmark that fails half-way must not leave a worker consuming the next run's queue.
+        atexit.register(self.stop_all)
 
     def start(self, *args: str) -> subprocess.Popen:
         log = open(Path(self.env["AICHOR_DATA_DIR"]) / f"{Path(args[0]).name}-{len(self.children)}.log", "w")

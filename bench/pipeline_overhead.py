@@ -75,9 +75,7 @@ def main() -> None:
                 try:
                     stamp = client.api.inspect_container(found[0]["Id"])["State"]["StartedAt"]
                 except docker.errors.NotFound:
-                    raise RuntimeError(
-                        f"container of {experiment_id} went away: {Experiment.objects.get(pk=experiment_id).failure_reason}"
-                    ) from None
+                    continue  # listed, then removed before inspection: look again
                 if not stamp.startswith("0001"):
                     main_part, _, frac = stamp.rstrip("Z").partition(".")
                     return datetime.fromisoformat(main_part + "+00:00").timestamp() + float("0." + (frac or "0"))

@@ -150,6 +150,13 @@ def main() -> None:
     boto.download_file(bucket, "raw.bin", str(work / "raw.out"))
     boto_down = time.monotonic() - t
     (work / "raw.out").unlink()
+    # A browser downloads one stream; so does boto3's get_object, for a like-for-like figure.
+    t = time.monotonic()
+    with (work / "raw.out").open("wb") as out:
+        for chunk in boto.get_object(Bucket=bucket, Key="raw.bin")["Body"].iter_chunks(MiB):
+            out.write(chunk)
+    boto_down_single = time.monotonic() - t
+    (work / "raw.out").unlink()
 
     # --- the dashboard's endpoints, used as the browser's uploader uses them
     key = "dashboard.bin"
@@ -203,6 +210,9 @@ def main() -> None:
     )
     print(
         f"download boto3 {mb / boto_down:7.1f} MB/s   dashboard {mb / dash_down:7.1f} MB/s   ratio {boto_down / dash_down:.2f}x"
+    )
+    print(
+        f"download boto3 get_object (one stream) {mb / boto_down_single:7.1f} MB/s   ratio {boto_down_single / dash_down:.2f}x"
     )
     print(
         f"dashboard server RSS: idle {baseline / MiB:.0f} MiB, peak during upload {upload_peak / MiB:.0f} MiB, "

@@ -254,12 +254,21 @@ def upload_part(bucket: str, key: str, upload_id: str, number: int, stream: Bina
     if not 1 <= number <= MAX_PARTS:
         raise InvalidKey(f"part number must be between 1 and {MAX_PARTS}")
     if is_s3():
-        # One part (a few MiB) in memory: boto3 needs a seekable body to sign and retry.
-        data = _read_exactly(stream, length)
-        if len(data) != length:
-            raise InvalidKey("the part arrived incomplete: send it again")
+        if _seekable_size(stream) is not None:
+            # A file (the server's spooled copy of the request): boto3 streams it from disk, so
+            # parts in flight cost no memory.
+            if _seekable_size(stream) != length:
+                raise InvalidKey("the part arrived incomplete: send it again")
+            data = stream
+        else:
+            # One part (a few MiB) in memory: boto3 needs a seekable body to sign and retry.
+            data = _read_exactly(stream, length)
+            if len(data) != length:
+                raise InvalidKey("the part arrived incomplete: send it again")
         try:
-            s3_client(bucket).upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data)
+            s3_client(bucket).upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, ContentLength=length
+            )
         except ClientError as exc:
             if _error_code(exc) == "NoSuchUpload":
                 raise InvalidKey("unknown upload: start it again") from exc
@@ -281,6 +290,17 @@ def upload_part(bucket: str, key: str, upload_id: str, number: int, stream: Bina
         tmp.unlink(missing_ok=True)
         raise InvalidKey("the part arrived incomplete: send it again")
     tmp.replace(folder / f"{number:05d}.part")
+
+
+def _seekable_size(stream) -> int | None:
+    try:
+        if not stream.seekable():
+            return None
+        size = stream.seek(0, 2)
+        stream.seek(0)
+        return size
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _read_exactly(stream: BinaryIO, length: int) -> bytes:

@@ -50,18 +50,39 @@ def _s3_storage(bucket: str, options: tuple) -> S3Storage:
         file_overwrite=True,
         default_acl=None,
         querystring_auth=True,
-        client_config=Config(
-            s3={"addressing_style": addressing},
-            signature_version="s3v4",
-            retries={"max_attempts": 3, "mode": "standard"},
-            max_pool_connections=32,
-            # Third-party S3 servers differ in their support of the newer default checksums.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
+        client_config=_client_config(addressing),
+    )
+
+
+def _client_config(addressing: str) -> Config:
+    return Config(
+        s3={"addressing_style": addressing},
+        signature_version="s3v4",
+        retries={"max_attempts": 3, "mode": "standard"},
+        max_pool_connections=32,
+        # Third-party S3 servers differ in their support of the newer default checksums.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
     )
 
 
 def s3_client(bucket: str):
-    """The boto3 client of the bucket's storage: multipart and paginated listing need it."""
-    return bucket_storage(bucket).connection.meta.client
+    """A boto3 client for multipart uploads and paginated listing. One per process: boto3
+    clients are thread-safe, while S3Storage's connection is per thread, and a client per
+    upload thread costs tens of MB."""
+    return _shared_client(s3_options())
+
+
+@lru_cache(maxsize=4)
+def _shared_client(options: tuple):
+    import boto3
+
+    endpoint, region, access_key, secret_key, addressing = options
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=_client_config(addressing),
+    )

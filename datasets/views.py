@@ -277,7 +277,8 @@ async def upload_part(request: HttpRequest, slug: str) -> JsonResponse:
             request.GET.get("key", ""),
             request.GET.get("upload_id", ""),
             _int(request.GET.get("part"), "part"),
-            request,
+            # Under ASGI Django has already spooled the body to a seekable file: hand that on.
+            getattr(request, "_stream", request),
             length,
         )
     except (InvalidKey, StorageError) as exc:

@@ -88,7 +88,7 @@ class Processes:
             "--port",
             str(port),
             "--ws",
-            "websockets-sansio",
+            os.environ.get("BENCH_WS", "websockets-sansio"),
             "--log-level",
             "warning",
         )

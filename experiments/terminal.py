@@ -118,6 +118,9 @@ def _duration(seconds: float) -> str:
 
 
 class TerminalConsumer(AsyncWebsocketConsumer):
+    # No group messages reach this consumer: without a channel layer every keystroke is one
+    # receive, not a race between the socket and a channel-layer poll (a Redis BRPOP in production).
+    channel_layer_alias = "no-channel-layer"
     session: ExecSession | None = None
 
     async def connect(self) -> None:

@@ -24,6 +24,7 @@ node_modules/.installed: package.json package-lock.json
 
 setup: $(VENV)/.installed $(if $(wildcard package.json),node_modules/.installed)
 
+run: export AICHOR_PUBLIC_URL ?= http://$(HOST):$(PORT)
 run: setup
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0

@@ -217,6 +217,34 @@ def github_push(
     )
 
 
+DOCKERFILE = f"FROM {TEST_IMAGE}\nWORKDIR /app\nCOPY . /app\n"
+
+
+def push(client, project, git_repo, command: str, *, dockerfile: str = DOCKERFILE, **manifest_kwargs) -> str:
+    """Commit a manifest running `command` and deliver the signed push; the experiment's id."""
+    message = "aichor[train.yaml]: docker run"
+    files = {"aichor_manifests/train.yaml": manifest_yaml(command, **manifest_kwargs), "Dockerfile": dockerfile}
+    # Fresh content per test: identical code would (rightly) reuse an image built earlier.
+    files["nonce.txt"] = uuid.uuid4().hex
+    sha = git_repo.commit(files, message)
+    response = github_push(client, project, sha=sha, message=message)
+    assert response.status_code == 201, response.content
+    return response.json()["experiment"]
+
+
+def ended(experiment_id, timeout: float = 120):
+    """The experiment once it is Succeeded, Failed or Cancelled."""
+    from experiments.models import Experiment, Status
+
+    return wait_for(
+        lambda: Experiment.objects.filter(
+            pk=experiment_id, status__in=[Status.SUCCEEDED, Status.FAILED, Status.CANCELLED]
+        ).first(),
+        timeout=timeout,
+        message="the experiment to end",
+    )
+
+
 # --- Docker -------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def docker_client():

@@ -19,7 +19,7 @@ from experiments.engines.docker import DockerEngine
 from experiments.models import Experiment, Status
 from experiments.services import cancel_experiment
 from projects.services import set_variable
-from tests.conftest import TEST_IMAGE, github_push, manifest_yaml, unavailable, wait_for
+from tests.conftest import TEST_IMAGE, ended, push, unavailable, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
 
@@ -30,30 +30,6 @@ MOUNT = "--mount=type=secret,id=_env,dst=/etc/secrets/.env"
 def buildah():
     if not shutil.which("buildah"):
         unavailable("buildah is not installed (apt-get install buildah)")
-
-
-def push(client, project, git_repo, command: str, dockerfile: str) -> str:
-    message = "aichor[train.yaml]: secrets"
-    files = {
-        "aichor_manifests/train.yaml": manifest_yaml(command),
-        "Dockerfile": dockerfile,
-        # Fresh content per test: identical code would reuse an image built earlier.
-        "nonce.txt": uuid.uuid4().hex,
-    }
-    sha = git_repo.commit(files, message)
-    response = github_push(client, project, sha=sha, message=message)
-    assert response.status_code == 201, response.content
-    return response.json()["experiment"]
-
-
-def ended(experiment_id, timeout: float = 180) -> Experiment:
-    return wait_for(
-        lambda: Experiment.objects.filter(
-            pk=experiment_id, status__in=[Status.SUCCEEDED, Status.FAILED, Status.CANCELLED]
-        ).first(),
-        timeout=timeout,
-        message="the experiment to end",
-    )
 
 
 def processes_running(marker: str) -> list[int]:
@@ -83,7 +59,7 @@ def test_sensitive_build_variable_is_mounted_as_env_secret_and_stored_nowhere(
         'RUN echo "$PLAIN_ARG" > /plain\n'
     )
     command = "cat /count /plain; test -e /etc/secrets/.env && echo secret-file-left || echo no-secret-file"
-    experiment = ended(push(client, docker_project, git_repo, command, dockerfile))
+    experiment = ended(push(client, docker_project, git_repo, command, dockerfile=dockerfile))
     assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
 
     output = logs.log_text(experiment.pk, "process:worker-0").split()
@@ -118,7 +94,7 @@ def test_build_without_secrets_keeps_the_classic_builder(
     plain = f"plain-value-{uuid.uuid4().hex}"
     set_variable(docker_project, name="PLAIN_ARG", kind="build", value=plain, sensitive=False)
     dockerfile = f'FROM {TEST_IMAGE}\nARG PLAIN_ARG\nRUN echo "$PLAIN_ARG" > /plain\n'
-    experiment = ended(push(client, docker_project, git_repo, "cat /plain", dockerfile))
+    experiment = ended(push(client, docker_project, git_repo, "cat /plain", dockerfile=dockerfile))
     assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
     assert logs.log_text(experiment.pk, "process:worker-0").strip() == plain
     build_log = logs.log_text(experiment.pk, "step:Building")
@@ -131,7 +107,7 @@ def test_failing_secret_build_fails_at_building_with_buildah_output(
 ):
     set_variable(docker_project, name="API_TOKEN", kind="build", value="tok", sensitive=True)
     dockerfile = f"FROM {TEST_IMAGE}\nRUN {MOUNT} grep -q NOT_THERE /etc/secrets/.env\n"
-    experiment = ended(push(client, docker_project, git_repo, "true", dockerfile))
+    experiment = ended(push(client, docker_project, git_repo, "true", dockerfile=dockerfile))
     assert experiment.status == Status.FAILED
     assert "Build failed" in experiment.failure_reason
     assert "grep -q NOT_THERE" in logs.log_text(experiment.pk, "step:Building")
@@ -144,7 +120,7 @@ def test_cancel_while_building_with_secrets_stops_buildah(
     marker = f"building-{uuid.uuid4().hex}"
     # The marker after the sleep keeps the shell (and the marker in its command line) alive.
     dockerfile = f"FROM {TEST_IMAGE}\nRUN {MOUNT} sleep 120 && echo {marker}\n"
-    experiment_id = push(client, docker_project, git_repo, "echo never", dockerfile)
+    experiment_id = push(client, docker_project, git_repo, "echo never", dockerfile=dockerfile)
     wait_for(lambda: processes_running(marker), timeout=60, message="the build to run")
     cancel_experiment(Experiment.objects.get(pk=experiment_id), actor=member_user)
     wait_for(lambda: not processes_running(marker), timeout=30, message="the build to stop")

@@ -7,32 +7,9 @@ import pytest
 from experiments import logs
 from experiments.models import Experiment, Status, StepName, StepStatus
 from experiments.services import cancel_experiment
-from tests.conftest import TEST_IMAGE, containers_of, github_push, manifest_yaml, wait_for
+from tests.conftest import DOCKERFILE, TEST_IMAGE, containers_of, ended, github_push, manifest_yaml, push, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
-
-DOCKERFILE = f"FROM {TEST_IMAGE}\nWORKDIR /app\nCOPY . /app\n"
-
-
-def push(client, project, git_repo, command: str, *, dockerfile: str = DOCKERFILE, **manifest_kwargs) -> str:
-    message = "aichor[train.yaml]: docker run"
-    files = {"aichor_manifests/train.yaml": manifest_yaml(command, **manifest_kwargs), "Dockerfile": dockerfile}
-    # Fresh content per test: identical code would (rightly) reuse an image built earlier.
-    files["nonce.txt"] = uuid.uuid4().hex
-    sha = git_repo.commit(files, message)
-    response = github_push(client, project, sha=sha, message=message)
-    assert response.status_code == 201, response.content
-    return response.json()["experiment"]
-
-
-def ended(experiment_id, timeout: float = 120) -> Experiment:
-    return wait_for(
-        lambda: Experiment.objects.filter(
-            pk=experiment_id, status__in=[Status.SUCCEEDED, Status.FAILED, Status.CANCELLED]
-        ).first(),
-        timeout=timeout,
-        message="the experiment to end",
-    )
 
 
 def test_push_builds_image_and_runs_container_with_aichor_env(

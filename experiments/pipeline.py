@@ -114,13 +114,25 @@ def fetch_git(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: 
     ref = experiment.commit_sha or experiment.branch or "HEAD"
     # Fetching straight from the URL (no remote to configure) saves a git call per experiment.
     try:
-        _git(["fetch", "-q", "--no-tags", f"--depth={depth}", experiment.clone_url, ref], dest, writer, cancelled, timeout)
+        _git(
+            ["fetch", "-q", "--no-tags", f"--depth={depth}", experiment.clone_url, ref],
+            dest,
+            writer,
+            cancelled,
+            timeout,
+        )
     except StepFailed:
         if not experiment.commit_sha:
             raise
         # Some servers refuse fetching a bare sha: take the branch's history and look there.
         writer.line("fetching the commit directly was refused; fetching the branch history instead")
-        _git(["fetch", "-q", "--no-tags", experiment.clone_url, experiment.branch or "HEAD"], dest, writer, cancelled, timeout)
+        _git(
+            ["fetch", "-q", "--no-tags", experiment.clone_url, experiment.branch or "HEAD"],
+            dest,
+            writer,
+            cancelled,
+            timeout,
+        )
     _git(
         ["-c", "advice.detachedHead=false", "checkout", "-q", experiment.commit_sha or "FETCH_HEAD"],
         dest,
@@ -169,7 +181,14 @@ def fetch_code(experiment: Experiment, dest: Path, writer: LogWriter, cancelled:
             # The workload sees an ordinary clone; relative submodule URLs resolve against it.
             _git(["remote", "add", "origin", experiment.clone_url], dest, writer, cancelled, timeout)
         if clone["depth"] > 1:
-            args = ["fetch", "-q", "--no-tags", f"--depth={clone['depth']}", experiment.clone_url, experiment.commit_sha]
+            args = [
+                "fetch",
+                "-q",
+                "--no-tags",
+                f"--depth={clone['depth']}",
+                experiment.clone_url,
+                experiment.commit_sha,
+            ]
             _git(args, dest, writer, cancelled, timeout)
         if clone["submodules"] != "false":
             args = ["submodule", "update", "--init", f"--depth={clone['depth']}"]

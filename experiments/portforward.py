@@ -85,6 +85,7 @@ class PortForwardConsumer(AsyncWebsocketConsumer):
     # No group messages reach this consumer: without a channel layer every keystroke is one
     # receive, not a race between the socket and a channel-layer poll (a Redis BRPOP in production).
     channel_layer_alias = "no-channel-layer"
+
     async def connect(self) -> None:
         self.writer: asyncio.StreamWriter | None = None
         self.pump: asyncio.Task | None = None

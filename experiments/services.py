@@ -107,7 +107,9 @@ def create_experiment_from_push(
         with transaction.atomic():
             experiment = create_experiment(project=project, **fields)
             # Inserted last, with its experiment: a duplicate id rolls the whole delivery back.
-            WebhookDelivery.objects.create(project=project, provider=provider, delivery_id=delivery_id, experiment=experiment)
+            WebhookDelivery.objects.create(
+                project=project, provider=provider, delivery_id=delivery_id, experiment=experiment
+            )
     except IntegrityError:
         return None, False
     return experiment, True

@@ -22,7 +22,10 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --silent
 	touch $@
 
-setup: $(VENV)/.installed $(if $(wildcard package.json),node_modules/.installed)
+# Without npm the dashboard still runs; only the in-browser terminal lacks xterm.js.
+NPM := $(shell command -v npm)
+setup: $(VENV)/.installed $(if $(NPM),node_modules/.installed)
+	@$(if $(NPM),,echo "npm not found: the in-browser terminal needs it (apt-get install npm)")
 
 run: export AICHOR_PUBLIC_URL ?= http://$(HOST):$(PORT)
 run: setup

@@ -85,15 +85,8 @@ try:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
 except Exception as exc:  # dj_database_url raises bare ValueErrors on unknown schemes
     raise ImproperlyConfigured(f"DATABASE_URL is not usable: {exc}") from None
-if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    # Under ASGI every request runs in its own thread, so per-thread persistent connections are
-    # never reused: a pool saves the connection set-up (several ms) on every request.
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
-    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-        "min_size": env_int("AICHOR_DB_POOL_MIN", 2),
-        "max_size": env_int("AICHOR_DB_POOL_MAX", 20),
-        "timeout": 30,
-    }
+# A connection that died with a database restart is replaced instead of failing a request.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     # The web server and the worker write to the same file; WAL plus a busy timeout keeps

@@ -1,14 +1,11 @@
 """Git host webhooks: verify, pick the manifest from the head commit's message, record and
 enqueue. Nothing slow happens here: Git hosts give up on a webhook after 10 s."""
 
-import functools
 import hashlib
 import hmac
 import json
 import re
 
-from asgiref.sync import sync_to_async
-from django.db import close_old_connections
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.views.decorators.csrf import csrf_exempt
@@ -45,22 +42,6 @@ def _json(request: HttpRequest) -> dict | None:
     return payload if isinstance(payload, dict) else None
 
 
-def _in_lasting_thread(view):
-    """Under ASGI a sync view runs in a thread made for its request, so each delivery would open
-    a new database connection (several ms). Long-lived executor threads keep theirs
-    (CONN_MAX_AGE, health-checked), which keeps the accept latency low."""
-
-    def checked(request: HttpRequest, slug: str) -> JsonResponse:
-        close_old_connections()  # drops a connection past its age or broken, as a request would
-        return view(request, slug)
-
-    @functools.wraps(view)
-    async def run(request: HttpRequest, slug: str) -> JsonResponse:
-        return await sync_to_async(checked, thread_sensitive=False)(request, slug)
-
-    return run
-
-
 def _project(slug: str) -> Project:
     # Only what verifying and recording a delivery needs: this endpoint must answer fast.
     fields = ("id", "slug", "webhook_secret_encrypted", "repo_clone_url", "default_engine_id")
@@ -88,7 +69,9 @@ def _trigger(project: Project, provider: str, delivery_id: str, *, sha, branch, 
     return JsonResponse({"created": True, "experiment": str(experiment.pk)}, status=201)
 
 
-def _github(request: HttpRequest, slug: str) -> JsonResponse:
+@csrf_exempt
+@require_POST
+def github(request: HttpRequest, slug: str) -> JsonResponse:
     project = _project(slug)
     signature = request.headers.get("X-Hub-Signature-256", "")
     expected = "sha256=" + hmac.new(project.webhook_secret.encode(), request.body, hashlib.sha256).hexdigest()
@@ -117,7 +100,9 @@ def _github(request: HttpRequest, slug: str) -> JsonResponse:
     )
 
 
-def _gitlab(request: HttpRequest, slug: str) -> JsonResponse:
+@csrf_exempt
+@require_POST
+def gitlab(request: HttpRequest, slug: str) -> JsonResponse:
     project = _project(slug)
     token = request.headers.get("X-Gitlab-Token", "")
     if not hmac.compare_digest(token.encode(), project.webhook_secret.encode()):
@@ -148,7 +133,3 @@ def _gitlab(request: HttpRequest, slug: str) -> JsonResponse:
 def _branch(ref) -> str:
     ref = str(ref or "")
     return ref.removeprefix("refs/heads/")
-
-
-github = csrf_exempt(require_POST(_in_lasting_thread(_github)))
-gitlab = csrf_exempt(require_POST(_in_lasting_thread(_gitlab)))

@@ -287,7 +287,9 @@ def ensure_test_image(client) -> None:
 
 
 def containers_of(client, experiment_id) -> list:
-    return client.containers.list(all=True, filters={"label": f"aichor.experiment={experiment_id}"})
+    # The low-level list: the high-level one inspects each container and fails on one removed
+    # between listing and inspection.
+    return client.api.containers(all=True, filters={"label": f"aichor.experiment={experiment_id}"})
 
 
 # --- Celery -------------------------------------------------------------------------------

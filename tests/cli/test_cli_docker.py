@@ -87,7 +87,7 @@ def test_port_forward_reaches_a_server_inside_the_container(on_docker, tmp_path,
         forward.terminate()
         forward.wait(10)
         on_docker.run("experiments", "cancel", experiment["id"], check=False)
-    wait_for(lambda: not [c for c in containers_of(docker_client, experiment["id"]) if c.status == "running"],
+    wait_for(lambda: not [c for c in containers_of(docker_client, experiment["id"]) if c["State"] == "running"],
              timeout=30, message="the container to stop")  # fmt: skip
 
 

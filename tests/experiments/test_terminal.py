@@ -388,7 +388,7 @@ def test_failed_experiment_is_held_for_debugging_then_released(
         return out
 
     assert b"crash-report" in run(inspect)
-    assert any(c.status == "running" for c in containers_of(docker_client, experiment.pk))
+    assert any(c["State"] == "running" for c in containers_of(docker_client, experiment.pk))
     snapshots = docker_client.images.list(filters={"label": f"aichor.hold={experiment.pk}"})
     assert snapshots and not any(image.labels.get("aichor.build-key") for image in snapshots)  # never a build cache hit
 

@@ -11,7 +11,7 @@ from experiments.models import Experiment, WebhookDelivery
 from experiments.webhooks import manifest_path_for
 from tests.conftest import github_push
 
-pytestmark = pytest.mark.django_db(transaction=True)  # the webhook view runs in a worker thread
+pytestmark = pytest.mark.django_db
 
 
 def gitlab_push(

@@ -160,7 +160,7 @@ def test_worker_killed_while_running_is_repaired_by_reconcile(process_env, docke
     worker.wait()
     # The workload ends while no worker watches it.
     container = wait_for(lambda: containers_of(docker_client, experiment_id), message="the container")[0]
-    container.wait(timeout=60)
+    docker_client.api.wait(container["Id"], timeout=60)
     assert Experiment.objects.get(pk=experiment_id).status == Status.PROCESSING
     start_worker(process_env, "--beat", f"--schedule=/tmp/aichor-beat-{uuid.uuid4().hex}")
     experiment = wait_for(

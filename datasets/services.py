@@ -269,12 +269,8 @@ def upload_part(bucket: str, key: str, upload_id: str, number: int, stream: Bina
             s3_client(bucket).upload_part(
                 Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, ContentLength=length
             )
-        except ClientError as exc:
-            if _error_code(exc) == "NoSuchUpload":
-                raise InvalidKey("unknown upload: start it again") from exc
-            raise _s3_error(exc) from exc
-        except BotoCoreError as exc:
-            raise _s3_error(exc) from exc
+        except (ClientError, BotoCoreError) as exc:
+            raise _upload_error(exc) from exc
         return
     folder = _fs_upload(bucket, key, upload_id)
     tmp = folder / f"{number:05d}.tmp"
@@ -290,6 +286,13 @@ def upload_part(bucket: str, key: str, upload_id: str, number: int, stream: Bina
         tmp.unlink(missing_ok=True)
         raise InvalidKey("the part arrived incomplete: send it again")
     tmp.replace(folder / f"{number:05d}.part")
+
+
+def _upload_error(exc: Exception) -> Exception:
+    """An S3 failure of a multipart step as the error the uploader shows."""
+    if isinstance(exc, ClientError) and _error_code(exc) == "NoSuchUpload":
+        return InvalidKey("unknown upload: start it again")
+    return _s3_error(exc)
 
 
 def _seekable_size(stream) -> int | None:
@@ -344,12 +347,8 @@ def complete_upload(bucket: str, key: str, upload_id: str, size: int) -> None:
                 UploadId=upload_id,
                 MultipartUpload={"Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in parts]},
             )
-        except ClientError as exc:
-            if _error_code(exc) == "NoSuchUpload":
-                raise InvalidKey("unknown upload: start it again") from exc
-            raise _s3_error(exc) from exc
-        except BotoCoreError as exc:
-            raise _s3_error(exc) from exc
+        except (ClientError, BotoCoreError) as exc:
+            raise _upload_error(exc) from exc
         return
     folder = _fs_upload(bucket, key, upload_id)
     parts = sorted(folder.glob("*.part"))

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tarfile
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -297,8 +298,6 @@ def _build(experiment: Experiment, writer: LogWriter, cancelled: Liveness) -> st
 
 
 def _uuid_or_none(value):
-    import uuid
-
     try:
         return uuid.UUID(str(value))
     except ValueError:

@@ -1,10 +1,30 @@
 import os
 
-from django.core.asgi import get_asgi_application
+import django
+from django.core.handlers.asgi import ASGIHandler
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aichor.settings")
 # Django must be set up before the routing imports the consumers and their models.
-django_asgi_app = get_asgi_application()
+django.setup(set_prefix=False)
+
+
+class Handler(ASGIHandler):
+    """Django's ASGI handler, except that webhook deliveries skip the per-request thread.
+
+    Django runs each request's sync code in a thread made for that request, so a persistent
+    database connection (CONN_MAX_AGE) is never reused: every delivery would pay for a new
+    PostgreSQL connection, a third of its accept latency. Webhook views are short (verify,
+    insert, enqueue), so they run on asgiref's one shared sync thread instead, whose connection
+    lives on. Everything else keeps Django's behaviour."""
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/webhooks/"):
+            await self.handle(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+django_asgi_app = Handler()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

@@ -6,6 +6,7 @@ so every echo went through the container. 1 000 samples each, interleaved; targe
 import os
 import pty
 import select
+import socket
 import statistics
 import sys
 import time
@@ -58,49 +59,86 @@ class DockerExecTTY:
         os.waitpid(self.pid, 0)
 
 
+class WebSocketClient:
+    """The browser's side: websockets' sans-I/O protocol over a plain blocking socket. Like the
+    bare side's os.write/os.read, the client adds no event loop or thread of its own (a browser
+    frames in native code), so the figure is the server path's, not the measuring tool's."""
+
+    def __init__(self, url: str, path: str, headers: dict[str, str]) -> None:
+        from urllib.parse import urlsplit
+
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.protocol = ClientProtocol(parse_uri(f"ws://{host}:{port}{path}"))
+        request = self.protocol.connect()
+        for name, value in headers.items():
+            request.headers[name] = value
+        self.protocol.send_request(request)
+        self.flush()
+        self.pending = b""
+        while self.protocol.handshake_exc is None and self.protocol.state.name == "CONNECTING":
+            self.protocol.receive_data(self.sock.recv(65536))
+            self.collect()
+        if self.protocol.handshake_exc is not None:
+            raise self.protocol.handshake_exc
+
+    def flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            self.sock.sendall(data)
+
+    def collect(self) -> None:
+        for event in self.protocol.events_received():
+            if getattr(event, "data", None) is not None and event.opcode.name in ("BINARY", "TEXT", "CONT"):
+                self.pending += event.data
+        self.flush()  # pongs, close answers
+
+    def send(self, data: bytes) -> None:
+        self.protocol.send_binary(data)
+        self.flush()
+
+    def until(self, needle: bytes, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.pending:
+            if not select.select([self.sock], [], [], max(0.001, deadline - time.monotonic()))[0]:
+                raise TimeoutError(f"no {needle!r} from the terminal; got {self.pending[-200:]!r}")
+            self.protocol.receive_data(self.sock.recv(65536))
+            self.collect()
+        self.pending = self.pending[self.pending.index(needle) + len(needle) :]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def measure(url: str, experiment_id: str, cookie: str, container_id: str) -> tuple[list[float], list[float]]:
-    """Samples alternate between the two paths, so both see the same machine load. The asyncio
-    WebSocket client: the sync one hands every frame over from a reader thread of its own."""
-    import asyncio
-
-    from websockets.asyncio.client import connect
-
-    ws_url = url.replace("http://", "ws://") + f"/ws/experiments/{experiment_id}/terminal/?process=worker-0"
-
-    async def run() -> tuple[list[float], list[float]]:
-        async with connect(ws_url, additional_headers={"Cookie": cookie, "Origin": url}, compression=None) as ws:
-            pending = b""
-
-            async def until(needle: bytes, timeout: float = 10) -> None:
-                nonlocal pending
-                async with asyncio.timeout(timeout):
-                    while needle not in pending:
-                        frame = await ws.recv()
-                        pending += frame if isinstance(frame, bytes) else frame.encode()
-                pending = pending[pending.index(needle) + len(needle) :]
-
-            await until(b"# ")  # the login shell's prompt
-            await ws.send(f"{CAT}\n".encode())
-            await ws.send(b"READY")
-            await until(b"READY")  # echoed by cat itself: the shell has become cat on a raw TTY
-            bare = DockerExecTTY(container_id)
-            via_ws, via_exec = [], []
-            try:
-                for i in range(WARMUP + SAMPLES):
-                    byte = ALPHABET[i % len(ALPHABET) : i % len(ALPHABET) + 1]
-                    start = time.perf_counter()
-                    await ws.send(byte)
-                    await until(byte)
-                    ws_ms = (time.perf_counter() - start) * 1000
-                    exec_ms = bare.sample(byte)
-                    if i >= WARMUP:
-                        via_ws.append(ws_ms)
-                        via_exec.append(exec_ms)
-            finally:
-                bare.close()
-            return via_ws, via_exec
-
-    return asyncio.run(run())
+    """Samples alternate between the two paths, so both see the same machine load."""
+    ws = WebSocketClient(
+        url, f"/ws/experiments/{experiment_id}/terminal/?process=worker-0", {"Cookie": cookie, "Origin": url}
+    )
+    ws.until(b"# ")  # the login shell's prompt
+    ws.send(f"{CAT}\n".encode())
+    ws.send(b"READY")
+    ws.until(b"READY")  # echoed by cat itself: the shell has become cat on a raw TTY
+    bare = DockerExecTTY(container_id)
+    via_ws, via_exec = [], []
+    try:
+        for i in range(WARMUP + SAMPLES):
+            byte = ALPHABET[i % len(ALPHABET) : i % len(ALPHABET) + 1]
+            start = time.perf_counter()
+            ws.send(byte)
+            ws.until(byte)
+            ws_ms = (time.perf_counter() - start) * 1000
+            exec_ms = bare.sample(byte)
+            if i >= WARMUP:
+                via_ws.append(ws_ms)
+                via_exec.append(exec_ms)
+    finally:
+        bare.close()
+        ws.close()
+    return via_ws, via_exec
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import re
-import select
 import threading
 import time
 import uuid
@@ -27,6 +26,7 @@ from datetime import datetime, timedelta
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
@@ -122,6 +122,17 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     # receive, not a race between the socket and a channel-layer poll (a Redis BRPOP in production).
     channel_layer_alias = "no-channel-layer"
     session: ExecSession | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        # Channels' loop (await_many_dispatch) races the socket against a channel layer with a
+        # fresh task and an asyncio.wait per message: three event-loop turns per keystroke. This
+        # consumer has no channel layer, so it awaits the socket itself: one turn.
+        self.scope, self.channel_layer, self.base_send = scope, None, send
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
 
     async def connect(self) -> None:
         self.session = None
@@ -262,7 +273,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
                 await self._end(1000, await self._ended_message(shell_ended=True))
                 return
             self.shell_ready.set()
-            await self.send(bytes_data=data)
+            await self.base_send({"type": "websocket.send", "bytes": data})
 
     # --- browser -> shell ----------------------------------------------------------------
     async def dispatch(self, message: dict) -> None:
@@ -297,11 +308,11 @@ class TerminalConsumer(AsyncWebsocketConsumer):
                 except TimeoutError:
                     self.shell_ready.set()
             try:
-                if self.fd is not None and len(bytes_data) <= 512 and select.select([], [self.fd], [], 0)[1]:
-                    self.session.write(bytes_data)  # a keystroke into a socket with room: no wait
-                else:
-                    # A thread: a shell that stops reading must not block the event loop.
-                    await asyncio.to_thread(self.session.write, bytes_data)
+                # A keystroke goes straight in; whatever does not fit now (a large paste into a
+                # shell that stopped reading) waits in a thread, never on the event loop.
+                written = self.session.write_nowait(bytes_data) if self.fd is not None else 0
+                if written < len(bytes_data):
+                    await asyncio.to_thread(self.session.write, bytes_data[written:])
             except OSError:
                 pass  # the shell is gone; the reader reports the end
 

@@ -43,6 +43,11 @@ class ExecSession:
     def write(self, data: bytes) -> None:
         raise NotImplementedError
 
+    def write_nowait(self, data: bytes) -> int:
+        """Write what fits without blocking; how many bytes that was. An event loop types a
+        keystroke this way and hands only the rest (a large paste) to a thread."""
+        return 0
+
     def read(self, timeout: float | None = None) -> bytes | None:
         """Bytes, b"" when nothing arrived within timeout, None at end of stream."""
         raise NotImplementedError

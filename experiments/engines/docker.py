@@ -414,8 +414,26 @@ class DockerExecSession(ExecSession):
     def write(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def write_nowait(self, data: bytes) -> int:
+        if hasattr(self.sock, "pending"):
+            return 0  # TLS: bytes must go through the SSL object
+        try:
+            # The descriptor is non-blocking (settimeout), and a bare write skips the readiness
+            # poll a socket with a timeout makes before every send.
+            return os.write(self.sock.fileno(), data)
+        except BlockingIOError:
+            return 0
+
     def read(self, timeout: float | None = None) -> bytes | None:
         pending = getattr(self.sock, "pending", None)  # TLS (tcp DOCKER_HOST) buffers decrypted bytes
+        if timeout == 0 and pending is None:
+            # The event loop saw the descriptor readable: one read, no select and poll first.
+            try:
+                return os.read(self.sock.fileno(), 65536) or None
+            except BlockingIOError:
+                return b""
+            except (OSError, ValueError):
+                return None
         try:
             if not (pending and pending()) and not select.select([self.sock], [], [], timeout)[0]:
                 return b""

@@ -142,7 +142,15 @@ class LocalPtySession(ExecSession):
             os.execvp(command[0], command)
 
     def write(self, data: bytes) -> None:
-        os.write(self.fd, data)
+        view = memoryview(data)
+        while view:  # a pty takes a large paste in pieces
+            view = view[os.write(self.fd, view) :]
+
+    def write_nowait(self, data: bytes) -> int:
+        if not select.select([], [self.fd], [], 0)[1]:
+            return 0
+        # Writable: a pty takes at least its free space without blocking; one key always fits.
+        return os.write(self.fd, data[:512])
 
     def read(self, timeout: float | None = None) -> bytes | None:
         ready, _, _ = select.select([self.fd], [], [], timeout)

@@ -2,6 +2,7 @@
 session cookie, routing), driven by channels' WebsocketCommunicator."""
 
 import asyncio
+import hashlib
 import json
 import re
 import time
@@ -156,6 +157,25 @@ def test_resize_changes_stty_size(running, member_user):
         assert message["code"] == 1000 and b"the shell exited" in output
 
     run(scenario)
+
+
+def test_a_large_paste_arrives_whole(running, member_user):
+    # Far more than a socket buffer holds: what does not fit at once must follow, in order.
+    size = 300_000
+    paste = bytes(b"abcdefghij"[i % 10] for i in range(size))
+
+    async def scenario():
+        comm = await open_terminal(running.pk, member_user)
+        await read_until(comm, rb"# ")
+        # A raw TTY first: a line-editing one holds at most 4 KiB of an unfinished line.
+        command = f"stty raw -echo; echo raw-$((6*7)); head -c {size} > /tmp/paste; stty sane; md5sum /tmp/paste\n"
+        await comm.send_to(bytes_data=command.encode())
+        await read_until(comm, rb"raw-42")
+        await comm.send_to(bytes_data=paste)
+        return await read_until(comm, rb"[0-9a-f]{32}")
+
+    output = run(scenario)
+    assert hashlib.md5(paste).hexdigest().encode() in output
 
 
 def test_ctrl_c_interrupts_the_foreground_program(running, member_user, docker_client):

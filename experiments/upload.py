@@ -2,9 +2,9 @@
 
 Django's ASGIHandler reads a whole request body into a SpooledTemporaryFile before any view
 runs, so a 1 GB archive would be written to disk twice and could not be refused early. Here the
-body goes from the socket to default_storage in 1 MiB pieces through a queue of a few pieces:
-when storage is slower than the network the queue fills, receive() is no longer called and
-uvicorn stops reading the socket (its flow control), so memory stays bounded whatever the size.
+body goes from the socket to default_storage through a pipe of a few MiB: when storage is slower
+than the network the pipe fills, receive() is no longer called and uvicorn stops reading the
+socket (its flow control), so memory stays bounded whatever the size.
 
 The route keeps the REST API's contract (and stays documented in its OpenAPI schema, see
 experiments/api.py): Bearer token, projects.access (outsider 404), the same query parameters,
@@ -14,7 +14,9 @@ past settings.MAX_ARCHIVE_BYTES (declared or discovered while streaming)."""
 import asyncio
 import json
 import re
+import threading
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
@@ -36,8 +38,8 @@ from projects.tokens import authenticate_token, bearer_of
 
 ARCHIVE_PATH = re.compile(r"/api/v1/projects/(?P<slug>[^/]+)/experiments/archive")
 PIECE = 1024 * 1024
-# Pieces buffered between the socket and the storage write: the server's memory per upload.
-QUEUE_PIECES = 4
+# Bytes buffered between the socket and the storage write: the server's memory per upload.
+PIPE_BYTES = 4 * PIECE
 GZIP_TYPES = ("application/gzip", "application/x-gzip")
 
 Scope = dict[str, Any]
@@ -174,13 +176,12 @@ def _create(project, engine, user, archive: str, params: ArchiveParams) -> dict:
 
 # --- streaming -----------------------------------------------------------------------------
 async def _stream_to_storage(receive: Receive, name: str, limit: int) -> str:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_PIECES)
-    pump = asyncio.create_task(_pump(receive, queue, limit))
-    reader = _QueueReader(queue, loop)
+    pipe = _Pipe(asyncio.get_running_loop(), PIPE_BYTES)
+    pump = asyncio.create_task(_pump(receive, pipe, limit))
+    reader = _PipeReader(pipe)
     try:
         # Storage backends are synchronous (filesystem, boto3): the write runs in a thread and
-        # pulls the pieces the event loop puts in the queue.
+        # pulls the pieces the event loop puts in the pipe.
         stored = await asyncio.to_thread(default_storage.save, name, _Upload(reader, name=name))
     except BaseException as exc:
         await asyncio.to_thread(default_storage.delete, name)
@@ -195,11 +196,10 @@ async def _stream_to_storage(receive: Receive, name: str, limit: int) -> str:
     return stored
 
 
-async def _pump(receive: Receive, queue: asyncio.Queue, limit: int) -> None:
-    """Body messages gathered into pieces of PIECE bytes, then b"" at the end; a failure is put
-    in the queue for the writer to raise."""
-    pieces: list[bytes] = []
-    buffered = total = 0
+async def _pump(receive: Receive, pipe: "_Pipe", limit: int) -> None:
+    """Body messages into the pipe as they come, then b"" at the end; a failure is put in the
+    pipe for the writer to raise."""
+    total = 0
     try:
         more = True
         while more:
@@ -212,27 +212,69 @@ async def _pump(receive: Receive, queue: asyncio.Queue, limit: int) -> None:
             if total > limit:
                 raise TooLarge(f"the archive is larger than the limit of {limit} bytes")
             if body:
-                pieces.append(body)
-                buffered += len(body)
-            if buffered >= PIECE or (not more and buffered):
-                await queue.put(b"".join(pieces))
-                pieces, buffered = [], 0
-        await queue.put(b"")
+                await pipe.put(body)
+        pipe.put_nowait(b"")
     except (TooLarge, ClientGone) as exc:
-        await queue.put(exc)
+        pipe.put_nowait(exc)
+    except asyncio.CancelledError:
+        pipe.put_nowait(ClientGone())  # never leave the writer's thread waiting
+        raise
 
 
-class _QueueReader:
-    """A read-only, unseekable file over the queue, for a storage backend's thread."""
+class _Pipe:
+    """Body pieces from the event loop to the storage writer's thread. The event loop is the
+    upload's bottleneck (it parses every byte of HTTP), so the pipe costs it as little as it
+    can: a lock and an append per piece, no copy, and a wake-up from the writer only when the
+    pipe was full. Pieces are joined into the sizes storage asks for in the writer's thread."""
 
-    def __init__(self, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
-        self.queue, self.loop = queue, loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int) -> None:
+        self.loop, self.capacity = loop, capacity
+        self.items: deque[bytes | BaseException] = deque()
+        self.ready = threading.Condition()
+        self.buffered = 0
+        self.room = asyncio.Event()
+
+    def put_nowait(self, item: bytes | BaseException) -> None:
+        with self.ready:
+            self.items.append(item)
+            if isinstance(item, bytes):
+                self.buffered += len(item)
+            self.ready.notify()
+
+    async def put(self, item: bytes) -> None:
+        self.put_nowait(item)
+        with self.ready:
+            full = self.buffered >= self.capacity
+            if full:
+                self.room.clear()
+        if full:
+            await self.room.wait()
+
+    def get(self) -> bytes | BaseException:
+        """From the writer's thread: the next item, waiting for one."""
+        with self.ready:
+            while not self.items:
+                self.ready.wait()
+            item = self.items.popleft()
+            if isinstance(item, bytes):
+                was_full = self.buffered >= self.capacity
+                self.buffered -= len(item)
+                if was_full and self.buffered < self.capacity:
+                    self.loop.call_soon_threadsafe(self.room.set)
+        return item
+
+
+class _PipeReader:
+    """A read-only, unseekable file over the pipe, for a storage backend's thread."""
+
+    def __init__(self, pipe: _Pipe) -> None:
+        self.pipe = pipe
         self.pending, self.offset = b"", 0
         self.eof = False
         self.total = 0
 
     def _next(self) -> None:
-        item = asyncio.run_coroutine_threadsafe(self.queue.get(), self.loop).result()
+        item = self.pipe.get()
         if isinstance(item, BaseException):
             raise item
         self.eof = not item

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from aichor.cli import config
 from aichor.cli.client import Client, CliError
-from aichor.cli.pack import iter_files, tar_stream, tree_size
+from aichor.cli.pack import TreeChanged, iter_files, plan_tar, send_tar
 from aichor.cli.scaffold import DEFAULT_BASE_IMAGE, init_repo
 
 DEFAULT_MANIFEST = "aichor_manifests/manifest.yaml"
@@ -168,19 +168,40 @@ def submit_local(repo_dir: Path, message: str, manifest_path: str, as_json: bool
     files = list(iter_files(repo_dir))
     if manifest_path not in files:
         raise CliError(f"manifest {manifest_path} is excluded by a .gitignore")
-    total = tree_size(repo_dir, files)
+    members, length = plan_tar(repo_dir, files)
     params = {"manifest_path": manifest_path, "message": message}
     if cfg.get("engine"):
         params["engine"] = cfg["engine"]
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload", file=sys.stderr) as bar:
-        experiment = client.post(
+    bars: list[tqdm] = []
+
+    def send(sock) -> None:
+        # The bar appears once the server has said go on: a refusal up front prints one line.
+        bars.append(
+            tqdm(
+                total=sum(m.size for m in members),
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc="upload",
+                file=sys.stderr,
+            )
+        )
+        send_tar(sock, members, progress=bars[0].update)
+
+    try:
+        experiment = client.upload(
             f"/projects/{slug}/experiments/archive",
             params=params,
-            data=tar_stream(repo_dir, files, progress=bar.update),
-            headers={"Content-Type": "application/x-tar"},
+            length=length,
+            content_type="application/x-tar",
+            send_body=send,
             not_found=f"no project {slug}",
-            timeout=(10, None),
         )
+    except TreeChanged as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        for bar in bars:
+            bar.close()
     emit(experiment, as_json, f"Submitted {experiment['id']} ({len(files)} files)")
 
 

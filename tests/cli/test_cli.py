@@ -146,3 +146,15 @@ def test_every_command_has_help(cli):
 def test_context_set_engine_checks_the_project(logged_in):
     assert "has no engine gpu" in one_line_error(logged_in.run("context", "set", "engine", "gpu", check=False))
     assert logged_in.run("context", "set", "engine", "local").stdout.strip() == "engine: local"
+
+
+def test_an_archive_over_the_limit_is_refused_in_one_line(logged_in, tmp_path, settings):
+    from experiments.models import Experiment
+
+    settings.MAX_ARCHIVE_BYTES = 4096
+    repo = tmp_path / "repo"
+    write_repo(repo, "true")
+    (repo / "weights.bin").write_bytes(os.urandom(64 * 1024))
+    line = one_line_error(logged_in.run("experiments", "submit", "local", "--repo-dir", str(repo), check=False))
+    assert "larger than the limit of 4096 bytes (HTTP 413)" in line
+    assert not Experiment.objects.exists()

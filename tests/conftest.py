@@ -335,3 +335,9 @@ def asgi_server_url():
     yield f"http://{host}:{port}"
     server.should_exit = True
     thread.join(10)
+    # Webhook views run on asgiref's shared sync thread and keep its connection (CONN_MAX_AGE):
+    # closed here, or PostgreSQL refuses to drop the test database at the end of the session.
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)

@@ -99,7 +99,10 @@ def send_tar(sock: socket.socket, members: list[Member], progress: Callable[[int
     is raised and the caller drops the connection, so the server keeps nothing."""
     tar, zeros = _pass(), bytes(tarfile.BLOCKSIZE)
     for member in members:
-        made = _header(tar, member.path, member.arcname)
+        try:
+            made = _header(tar, member.path, member.arcname)
+        except OSError:
+            raise _changed(member) from None  # deleted or renamed meanwhile
         if made is None or len(made[0]) != member.header_size or made[1] != member.size:
             raise _changed(member)
         sock.sendall(made[0])
@@ -115,7 +118,11 @@ def _changed(member: Member) -> TreeChanged:
 
 def _send_content(sock: socket.socket, member: Member, progress) -> None:
     changed = _changed(member)
-    with open(member.path, "rb") as fh:
+    try:
+        fh = open(member.path, "rb")
+    except OSError as exc:
+        raise TreeChanged(f"cannot read {member.arcname}: {exc.strerror}: nothing was submitted") from None
+    with fh:
         if os.fstat(fh.fileno()).st_size != member.size:
             raise changed
         sent = 0

@@ -73,16 +73,19 @@ def test_planned_archive_has_the_declared_length_and_every_file(tmp_path):
         assert sorted(m.islnk() for m in linked) == [False, True]
 
 
-@pytest.mark.parametrize("change", ["shrink", "grow"])
+@pytest.mark.parametrize("change", ["shrink", "grow", "delete"])
 def test_a_file_changed_after_planning_stops_the_upload(tmp_path, change):
     make_tree(tmp_path)
     members, _ = plan_tar(tmp_path, list(iter_files(tmp_path)))
-    with open(tmp_path / "data/big.bin", "r+b") as fh:
-        if change == "shrink":
-            fh.truncate(1000)
-        else:
-            fh.seek(0, os.SEEK_END)
-            fh.write(b"more")
+    if change == "delete":
+        (tmp_path / "data/big.bin").unlink()
+    else:
+        with open(tmp_path / "data/big.bin", "r+b") as fh:
+            if change == "shrink":
+                fh.truncate(1000)
+            else:
+                fh.seek(0, os.SEEK_END)
+                fh.write(b"more")
     sink = Sink()
     with pytest.raises(TreeChanged, match="data/big.bin changed while it was being uploaded"):
         send_tar(sink.client, members)

@@ -305,6 +305,18 @@ def celery_worker_thread(transactional_db):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def close_shared_sync_thread_connections(django_db_setup):
+    """Webhook views and Channels' database_sync_to_async run on asgiref's one shared sync
+    thread, whose connection persists (CONN_MAX_AGE): closed before the test database is
+    dropped, or PostgreSQL refuses to drop it."""
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
+
+
 # --- A live server ------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def asgi_server_url():
@@ -335,9 +347,3 @@ def asgi_server_url():
     yield f"http://{host}:{port}"
     server.should_exit = True
     thread.join(10)
-    # Webhook views run on asgiref's shared sync thread and keep its connection (CONN_MAX_AGE):
-    # closed here, or PostgreSQL refuses to drop the test database at the end of the session.
-    from asgiref.sync import SyncToAsync
-    from django.db import connections
-
-    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)

@@ -52,10 +52,12 @@ class Processes:
     def __init__(self, env: dict) -> None:
         self.env = env
         self.children: list[subprocess.Popen] = []
+        self.web: subprocess.Popen | None = None  # the uvicorn process server() started
         # A benchmark that fails half-way must not leave a worker consuming the next run's queue.
         atexit.register(self.stop_all)
 
     def start(self, *args: str) -> subprocess.Popen:
+        Path(self.env["AICHOR_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
         log = open(Path(self.env["AICHOR_DATA_DIR"]) / f"{Path(args[0]).name}-{len(self.children)}.log", "w")
         child = subprocess.Popen(
             args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -80,7 +82,7 @@ class Processes:
         import requests
 
         port = free_port()
-        self.start(
+        self.web = self.start(
             str(BIN / "uvicorn"),
             "aichor.asgi:application",
             "--host",

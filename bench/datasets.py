@@ -9,7 +9,6 @@ Targets: dashboard throughput >= 0.8x boto3; server peak RSS <= 150 MB."""
 import argparse
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,16 +17,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import Processes  # noqa: E402
 
 MiB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_file(path: Path, size: int) -> None:
@@ -98,34 +91,11 @@ def main() -> None:
     client.force_login(user)
     session = client.cookies["sessionid"].value
 
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "uvicorn"),
-            "aichor.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--ws",
-            "websockets-sansio",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(work / "server.log", "wb"),  # noqa: SIM115
-    )
+    procs = Processes(env)
+    base = procs.server()
+    server = procs.web
     import requests
 
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            requests.get(base + "/login/", timeout=1)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.1)
     csrf = secrets.token_hex(16)
     http = requests.Session()
     http.cookies.set("sessionid", session)
@@ -218,8 +188,7 @@ def main() -> None:
         f"dashboard server RSS: idle {baseline / MiB:.0f} MiB, peak during upload {upload_peak / MiB:.0f} MiB, "
         f"peak overall {sampler.peak / MiB:.0f} MiB (target <= 150 MB)"
     )
-    server.terminate()
-    server.wait()
+    procs.stop_all()
     s3.stop()
     subprocess.run(["rm", "-rf", str(work)])
 

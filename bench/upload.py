@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,14 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import BIN, Processes  # noqa: E402
 
 
 def make_tree(root: Path, size_mb: int, files: int) -> int:
@@ -85,10 +78,9 @@ def main() -> None:
         "XDG_CONFIG_HOME": str(scratch / "config"),
     }
     env.pop("REDIS_URL", None)
-    server = None
+    procs = None
     try:
         os.environ.update(env)
-        sys.path.insert(0, str(ROOT))
         import django
 
         django.setup()
@@ -110,22 +102,9 @@ def main() -> None:
         total = make_tree(tree, args.size_mb, args.files)
         print(f"tree: {total / 1024**2:.0f} MiB in {args.files} files")
 
-        port = free_port()
-        server = subprocess.Popen(
-            [str(BIN / "uvicorn"), "aichor.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        procs = Processes(env)
+        url = procs.server()
+        server = procs.web
         aichor = str(BIN / "aichor")
         subprocess.run(
             [aichor, "auth", "key", "--apikey", token, "--url", url], env=env, check=True, capture_output=True
@@ -188,9 +167,8 @@ def main() -> None:
         print(f"peak RSS CLI:          {cli_rss:6.1f} MB    (target <= 150 MB)")
         print(f"peak RSS server:       {server_rss:6.1f} MB    (target <= 150 MB)")
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(10)
+        if procs is not None:
+            procs.stop_all()
         shutil.rmtree(scratch, ignore_errors=True)
 
 

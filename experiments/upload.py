@@ -234,20 +234,21 @@ class _Pipe:
         self.buffered = 0
         self.room = asyncio.Event()
 
-    def put_nowait(self, item: bytes | BaseException) -> None:
+    def put_nowait(self, item: bytes | BaseException) -> bool:
+        """Append `item`; whether the pipe is now full (then `room` is cleared, under the same
+        lock as the writer's check, so its wake-up cannot be missed)."""
         with self.ready:
             self.items.append(item)
             if isinstance(item, bytes):
                 self.buffered += len(item)
             self.ready.notify()
-
-    async def put(self, item: bytes) -> None:
-        self.put_nowait(item)
-        with self.ready:
             full = self.buffered >= self.capacity
             if full:
                 self.room.clear()
-        if full:
+        return full
+
+    async def put(self, item: bytes) -> None:
+        if self.put_nowait(item):
             await self.room.wait()
 
     def get(self) -> bytes | BaseException:

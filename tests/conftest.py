@@ -204,15 +204,23 @@ def github_push(
             "repository": {"clone_url": project.repo_clone_url},
         }
     ).encode()
-    signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return post_github(client, project, body, delivery=delivery, secret=secret)
+
+
+def github_signature(body: bytes, secret: str = "s3cret-webhook") -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def post_github(client, project, body: bytes, *, event: str = "push", delivery=None, secret="s3cret-webhook"):
+    """`body` as GitHub delivers it, signed with the project's webhook secret."""
     return client.post(
         f"/webhooks/github/{project.slug}/",
         data=body,
         content_type="application/json",
         headers={
-            "X-GitHub-Event": "push",
+            "X-GitHub-Event": event,
             "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
-            "X-Hub-Signature-256": signature,
+            "X-Hub-Signature-256": github_signature(body, secret),
         },
     )
 

@@ -1,7 +1,5 @@
 """The ASGI entry point: webhook deliveries keep one database connection between requests."""
 
-import hashlib
-import hmac
 import json
 import uuid
 
@@ -13,13 +11,14 @@ from django.db.backends.signals import connection_created
 
 from aichor.asgi import application
 from experiments.models import Experiment
+from tests.conftest import github_signature
 
 
 def signed(project, sha: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     body = json.dumps(
         {"ref": "refs/heads/main", "head_commit": {"id": sha, "message": "aichor[train.yaml]: asgi"}}
     ).encode()
-    signature = "sha256=" + hmac.new(b"s3cret-webhook", body, hashlib.sha256).hexdigest()
+    signature = github_signature(body)
     headers = [
         (b"host", b"testserver"),
         (b"content-type", b"application/json"),

@@ -1,7 +1,5 @@
 """Webhook endpoints: signature checks, idempotency, the commit-message rules (SPEC §2)."""
 
-import hashlib
-import hmac
 import json
 import uuid
 
@@ -9,7 +7,7 @@ import pytest
 
 from experiments.models import Experiment, WebhookDelivery
 from experiments.webhooks import manifest_path_for
-from tests.conftest import github_push
+from tests.conftest import github_push, post_github
 
 pytestmark = pytest.mark.django_db
 
@@ -128,14 +126,7 @@ def test_dotdot_manifest_path_is_rejected(client, project):
 
 
 def test_non_push_event_is_acknowledged_and_ignored(client, project):
-    body = b'{"zen": "Keep it logically awesome."}'
-    signature = "sha256=" + hmac.new(b"s3cret-webhook", body, hashlib.sha256).hexdigest()
-    response = client.post(
-        f"/webhooks/github/{project.slug}/",
-        data=body,
-        content_type="application/json",
-        headers={"X-GitHub-Event": "ping", "X-GitHub-Delivery": "p1", "X-Hub-Signature-256": signature},
-    )
+    response = post_github(client, project, b'{"zen": "Keep it logically awesome."}', event="ping", delivery="p1")
     assert response.status_code == 202
     assert not Experiment.objects.exists()
 
@@ -172,13 +163,6 @@ def test_gitlab_replay_and_other_events(client, project):
 
 
 def test_malformed_json_is_a_clear_400(client, project):
-    body = b"not json"
-    signature = "sha256=" + hmac.new(b"s3cret-webhook", body, hashlib.sha256).hexdigest()
-    response = client.post(
-        f"/webhooks/github/{project.slug}/",
-        data=body,
-        content_type="application/json",
-        headers={"X-GitHub-Event": "push", "X-GitHub-Delivery": "m1", "X-Hub-Signature-256": signature},
-    )
+    response = post_github(client, project, b"not json", delivery="m1")
     assert response.status_code == 400
     assert not Experiment.objects.exists()

@@ -15,7 +15,7 @@ from django.db import connection
 
 from experiments import logs
 from experiments.models import Experiment, Status, StepName
-from tests.conftest import TEST_IMAGE, containers_of, manifest_yaml, unavailable, wait_for
+from tests.conftest import TEST_IMAGE, containers_of, github_signature, manifest_yaml, unavailable, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
 
@@ -107,14 +107,12 @@ def start_server(start) -> str:
 
 
 def signed_push(url: str, project, sha: str, message: str) -> requests.Response:
-    import hashlib
-    import hmac
     import json
 
     body = json.dumps(
         {"ref": "refs/heads/main", "head_commit": {"id": sha, "message": message, "author": {"username": "r"}}}
     ).encode()
-    signature = "sha256=" + hmac.new(b"s3cret-webhook", body, hashlib.sha256).hexdigest()
+    signature = github_signature(body)
     headers = {
         "X-GitHub-Event": "push",
         "X-GitHub-Delivery": str(uuid.uuid4()),

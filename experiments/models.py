@@ -110,6 +110,8 @@ class Experiment(models.Model):
     heartbeat_at = models.DateTimeField(default=timezone.now)
     deadline_at = models.DateTimeField(null=True, blank=True)
     hold_until = models.DateTimeField(null=True, blank=True)
+    # Why a queued experiment has not started yet (an engine's concurrency limit); "" otherwise.
+    waiting_reason = models.CharField(max_length=300, blank=True)
 
     objects = ExperimentQuerySet.as_manager()
 
@@ -216,6 +218,9 @@ class WebhookDelivery(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="webhook_deliveries")
     provider = models.CharField(max_length=8)
     delivery_id = models.CharField(max_length=100)
+    # SHA-256 of the signed body: the delivery id is not signed, so a replayed body under a
+    # fresh id is recognised by its content (SPEC §2: same signed body within 24 hours).
+    body_digest = models.CharField(max_length=64, blank=True, db_index=True)
     experiment = models.ForeignKey(Experiment, null=True, blank=True, on_delete=models.SET_NULL)
     received_at = models.DateTimeField(default=timezone.now)
 

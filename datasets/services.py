@@ -2,20 +2,29 @@
 
 Every key that reaches a bucket passes through validate_key, whatever route it came by. Uploads
 always go in parts (S3 multipart, or part files on the filesystem backend) so no file is ever
-held whole in memory and an interrupted upload resumes from the parts already stored."""
+held whole in memory and an interrupted upload resumes from the parts already stored.
+
+On the filesystem backend everything below BUCKETS_ROOT/<bucket> is hostile: docker workloads
+write there through bind mounts, as root, and may leave symbolic links (`ln -s / hostroot`) or
+swap a folder for one at any moment. No route ever follows a link: each walks from the bucket
+root one component at a time with openat(O_NOFOLLOW) and acts through the directory descriptor
+it holds, so a check and its use can never see two different trees."""
 
 import bisect
+import errno
 import json
 import math
 import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from botocore.exceptions import BotoCoreError, ClientError
 from django.conf import settings
@@ -40,6 +49,16 @@ class InvalidKey(ValueError):
 
 class StorageError(RuntimeError):
     """The storage backend failed; the message is shown to the user."""
+
+
+class LinkRefused(InvalidKey):
+    """A path component is a symbolic link (left by a workload): never followed."""
+
+    def __init__(self, shown: str) -> None:
+        super().__init__(
+            f"{shown} is a symbolic link made by a workload: aichor never follows links "
+            "(delete the link, or have the workload write the file itself)"
+        )
 
 
 def validate_key(key: str, *, folder: bool = False) -> str:
@@ -97,6 +116,195 @@ def _error_code(exc: ClientError) -> str:
     return exc.response.get("Error", {}).get("Code", "")
 
 
+# --- Filesystem backend: never follow a link -----------------------------------------------
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A workload can nest folders far deeper than anyone browses; deleting stops there with a clear
+# error rather than exhausting file descriptors (one is held open per level).
+MAX_FOLDER_DEPTH = 256
+
+
+def _split(key: str) -> tuple[str, str]:
+    """("a/b/", "c") for "a/b/c" (or "a/b/c/"): the parent folder and the last name."""
+    parent, _, name = key.rstrip("/").rpartition("/")
+    return (parent + "/" if parent else ""), name
+
+
+def _refuse_non_folder(dir_fd: int, name: str, shown: str) -> NoReturn:
+    # Only chooses the message: the open that failed already refused to follow anything.
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(shown) from None
+    if stat.S_ISLNK(mode):
+        raise LinkRefused(shown)
+    raise InvalidKey(f"{shown} is a file, not a folder")
+
+
+def _open_folder(bucket: str, folder: str, *, create: bool = False) -> int:
+    """A descriptor of `folder` (validated, "" or ending with "/") reached without following any
+    link; with `create`, missing folders are made on the way. FileNotFoundError when a folder is
+    missing. The caller closes the descriptor."""
+    root = bucket_root(bucket)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)  # BUCKETS_ROOT/<bucket> is the server's own
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    walked = ""
+    try:
+        for name in folder.rstrip("/").split("/") if folder else []:
+            walked += name
+            if create:
+                try:
+                    os.mkdir(name, dir_fd=fd)  # mkdirat never follows a link at `name`
+                except FileExistsError:
+                    pass
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                raise FileNotFoundError(walked) from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                _refuse_non_folder(fd, name, walked)
+            os.close(fd)
+            fd = child
+            walked += "/"
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def _folder(bucket: str, folder: str, *, create: bool = False) -> Iterator[int]:
+    try:
+        fd = _open_folder(bucket, folder, create=create)
+    except FileNotFoundError as exc:
+        if not create:
+            raise
+        # Made on the way, then deleted (by a workload) before it could be opened.
+        raise StorageError(f"{exc.args[0]} was deleted meanwhile: try again") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _check_no_link(bucket: str, key: str) -> None:
+    """Refuse an upload early when an existing folder of `key` is a link or a file; the write
+    itself (complete_upload) walks again, so a link made after this check is refused there."""
+    try:
+        with _folder(bucket, _split(key)[0]):
+            pass
+    except FileNotFoundError:
+        pass  # created when the upload completes
+
+
+def _open_file(bucket: str, key: str) -> BinaryIO:
+    parent, name = _split(key)
+    with _folder(bucket, parent) as dir_fd:
+        try:
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            raise FileNotFoundError(key) from None
+        if stat.S_ISLNK(mode):
+            raise LinkRefused(key)
+        if stat.S_ISDIR(mode):
+            raise FileNotFoundError(key)
+        if not stat.S_ISREG(mode):
+            # A FIFO would block the server; a device node made with mknod would read the host.
+            raise InvalidKey(f"{key} is not a regular file (a device, socket or pipe made by a workload)")
+        try:
+            # O_NONBLOCK: if the name was swapped for a FIFO since the stat, opening it does not hang.
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise FileNotFoundError(key) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LinkRefused(key) from None
+            raise StorageError(f"cannot read {key}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidKey(f"{key} is not a regular file (a device, socket or pipe made by a workload)")
+    return os.fdopen(fd, "rb")
+
+
+def _empty_folder(fd: int, depth: int = 0) -> int:
+    """Delete everything inside the open folder `fd`, links as links (never what they point to).
+    Returns how many files and links went."""
+    if depth > MAX_FOLDER_DEPTH:
+        raise StorageError(
+            f"the folder is nested more than {MAX_FOLDER_DEPTH} levels deep: delete its inner folders first"
+        )
+    count = 0
+    with os.scandir(fd) as it:
+        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    for name, is_dir in entries:
+        if is_dir:
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                sub = None  # swapped for a link or a file since the listing: unlink that instead
+            if sub is not None:
+                try:
+                    count += _empty_folder(sub, depth + 1)
+                finally:
+                    os.close(sub)
+                os.rmdir(name, dir_fd=fd)
+                continue
+        try:
+            os.unlink(name, dir_fd=fd)  # unlinkat removes a link itself, never its target
+            count += 1
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def _delete_fs(bucket: str, key: str) -> int:
+    is_folder = key.endswith("/")
+    parent, name = _split(key)
+    try:
+        with _folder(bucket, parent) as dir_fd:
+            try:
+                mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                return 0
+            if stat.S_ISDIR(mode):
+                if not is_folder:
+                    return 0
+                try:
+                    sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    os.unlink(name, dir_fd=dir_fd)  # swapped for a link since the stat: remove the link
+                    return 1
+                try:
+                    count = _empty_folder(sub)
+                finally:
+                    os.close(sub)
+                os.rmdir(name, dir_fd=dir_fd)
+                return count
+            if is_folder and not stat.S_ISLNK(mode):
+                return 0
+            # A file, or a link (asked for as a file or as a folder): the link itself goes.
+            os.unlink(name, dir_fd=dir_fd)
+            return 1
+    except FileNotFoundError:
+        return 0
+    except PermissionError as exc:
+        raise StorageError(f"cannot delete {key}: {exc.strerror}") from None
+    except (IsADirectoryError, NotADirectoryError) as exc:
+        raise StorageError(f"{key} changed while it was being deleted ({exc.strerror}): try again") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTEMPTY:
+            raise StorageError(f"{key} changed while it was being deleted (new files appeared): try again") from None
+        raise
+
+
 # --- Buckets -------------------------------------------------------------------------------
 def ensure_buckets(project: Project) -> None:
     """Create the project's two buckets; harmless when they exist."""
@@ -121,6 +329,9 @@ class Entry:
     is_folder: bool
     size: int | None = None
     modified: datetime | None = None
+    # A symbolic link left by a workload (filesystem backend): shown, never followed.
+    is_link: bool = False
+    target: str = ""
 
 
 @dataclass(frozen=True)
@@ -169,37 +380,62 @@ def _list_s3(bucket: str, prefix: str, cursor: str | None, page_size: int) -> Pa
     return Page(entries, response.get("NextContinuationToken") if response.get("IsTruncated") else None)
 
 
+def _shown(text: str) -> str:
+    # Names a workload wrote need not be UTF-8; the page must still render.
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _list_fs(bucket: str, prefix: str, cursor: str | None, page_size: int) -> Page:
-    folder = bucket_root(bucket) / prefix
-    if not folder.is_dir():
+    try:
+        dir_fd = _open_folder(bucket, prefix)
+    except FileNotFoundError:
         return Page([], None)
-    # Only names and types come from scandir (no stat): a folder of 100 000 files is sorted in
-    # a fraction of a second and only the page shown is stat()ed. Folders sort as "name/", as
-    # S3 lists them.
-    with os.scandir(folder) as it:
-        names = sorted((e.name + "/" if e.is_dir() else e.name) for e in it)
-    start = 0
-    if cursor:
-        start = bisect.bisect_right(names, cursor)
-    chunk = names[start : start + page_size]
-    entries = []
-    for name in chunk:
-        if name.endswith("/"):
-            entries.append(Entry(name=name[:-1], key=prefix + name, is_folder=True))
-            continue
-        try:
-            stat = (folder / name).stat()
-        except FileNotFoundError:
-            continue  # deleted while listing
-        entries.append(
-            Entry(
-                name=name,
-                key=prefix + name,
-                is_folder=False,
-                size=stat.st_size,
-                modified=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
+    try:
+        # Only names and types come from scandir (no stat): a folder of 100 000 files is sorted
+        # in a fraction of a second and only the page shown is stat()ed. Folders sort as
+        # "name/", as S3 lists them; a link to a folder is a link, not a folder.
+        with os.scandir(dir_fd) as it:
+            names = sorted((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name) for e in it)
+        start = 0
+        if cursor:
+            start = bisect.bisect_right(names, cursor)
+        chunk = names[start : start + page_size]
+        entries = []
+        for name in chunk:
+            if name.endswith("/"):
+                entries.append(Entry(name=_shown(name[:-1]), key=_shown(prefix + name), is_folder=True))
+                continue
+            try:
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                target = os.readlink(name, dir_fd=dir_fd) if stat.S_ISLNK(info.st_mode) else None
+            except FileNotFoundError:
+                continue  # deleted while listing
+            except OSError:
+                target = "?"  # replaced by a non-link between the stat and readlink
+            modified = datetime.fromtimestamp(info.st_mtime, tz=UTC)
+            if target is not None:
+                entries.append(
+                    Entry(
+                        name=_shown(name),
+                        key=_shown(prefix + name),
+                        is_folder=False,
+                        modified=modified,
+                        is_link=True,
+                        target=_shown(target)[:300],
+                    )
+                )
+                continue
+            entries.append(
+                Entry(
+                    name=_shown(name),
+                    key=_shown(prefix + name),
+                    is_folder=False,
+                    size=info.st_size,
+                    modified=modified,
+                )
             )
-        )
+    finally:
+        os.close(dir_fd)
     more = start + page_size < len(names)
     return Page(entries, chunk[-1] if more and chunk else None)
 
@@ -241,6 +477,7 @@ def start_upload(bucket: str, key: str, size: int) -> dict:
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc) from exc
     else:
+        _check_no_link(bucket, key)
         upload_id = secrets.token_hex(16)
         folder = _uploads_dir(upload_id)
         folder.mkdir(parents=True)
@@ -273,6 +510,7 @@ def upload_part(bucket: str, key: str, upload_id: str, number: int, stream: Bina
             raise _upload_error(exc) from exc
         return
     folder = _fs_upload(bucket, key, upload_id)
+    _check_no_link(bucket, key)  # stop sending gigabytes that complete_upload would refuse
     tmp = folder / f"{number:05d}.tmp"
     received = 0
     with tmp.open("wb") as fh:
@@ -355,14 +593,20 @@ def complete_upload(bucket: str, key: str, upload_id: str, size: int) -> None:
     received = sum(p.stat().st_size for p in parts)
     if received != size or [int(p.stem) for p in parts] != list(range(1, len(parts) + 1)):
         raise InvalidKey(f"the upload is incomplete ({received} of {size} bytes): resume it")
-    assembled = folder / "assembled"
-    with assembled.open("wb") as out:
-        for part in parts:
-            with part.open("rb") as src:
-                shutil.copyfileobj(src, out, READ_CHUNK)
-    target = bucket_storage(bucket).path(key)
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
-    assembled.replace(target)  # same filesystem: an atomic rename
+    parent, name = _split(key)
+    # The parent's descriptor is held from the walk to the rename: swapping a folder on the way
+    # for a link after this point changes nothing, the file lands in the folder that was walked.
+    with _folder(bucket, parent, create=True) as dir_fd:
+        assembled = folder / "assembled"
+        with assembled.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as src:
+                    shutil.copyfileobj(src, out, READ_CHUNK)
+        try:
+            # renameat replaces a link at `name` with the file; it never writes through it.
+            os.replace(assembled, name, dst_dir_fd=dir_fd)  # same filesystem: atomic
+        except IsADirectoryError:
+            raise InvalidKey(f"{key} is a folder: choose another name") from None
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -421,11 +665,8 @@ def open_object(bucket: str, key: str) -> StoredObject:
         except BotoCoreError as exc:
             raise _s3_error(exc) from exc
         return StoredObject(key, response["ContentLength"], response["Body"])
-    path = Path(bucket_storage(bucket).path(key))
-    if not path.is_file():
-        raise FileNotFoundError(key)
-    fh = path.open("rb")
-    return StoredObject(key, path.stat().st_size, fh)
+    fh = _open_file(bucket, key)
+    return StoredObject(key, os.fstat(fh.fileno()).st_size, fh)
 
 
 def download_url(bucket: str, key: str, *, filename: str, content_type: str, inline: bool) -> str:
@@ -472,17 +713,7 @@ def delete(bucket: str, key: str) -> int:
             return count
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc) from exc
-    path = Path(bucket_storage(bucket).path(key))
-    if is_folder:
-        if not path.is_dir():
-            return 0
-        count = sum(1 for p in path.rglob("*") if p.is_file())
-        shutil.rmtree(path)
-        return count
-    if not path.is_file():
-        return 0
-    path.unlink()
-    return 1
+    return _delete_fs(bucket, key)
 
 
 def create_folder(bucket: str, prefix: str, name: str) -> str:
@@ -494,5 +725,6 @@ def create_folder(bucket: str, prefix: str, name: str) -> str:
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc) from exc
     else:
-        Path(bucket_storage(bucket).path(key)).mkdir(parents=True, exist_ok=True)
+        with _folder(bucket, key, create=True):
+            pass
     return key

@@ -25,6 +25,9 @@ def s3_options() -> tuple:
 
 
 def bucket_storage(bucket: str) -> Storage:
+    """The django-storages instance of a bucket. On the filesystem backend its path() and open()
+    follow symbolic links a workload may leave: datasets.services reads and writes bucket folders
+    through its own no-follow walk instead, never through this."""
     if is_s3():
         return _s3_storage(bucket, s3_options())
     return FileSystemStorage(location=bucket_root(bucket), allow_overwrite=True)

@@ -76,3 +76,27 @@ def test_refused_name_shows_a_clear_message(logged_in_page, live_asgi, project, 
     assert "not allowed" in page.locator(".ds-error").inner_text()
     # The page answers 400 on purpose; Chromium logs every 4xx as a console error.
     console_errors.errors[:] = [e for e in console_errors.errors if "400 (Bad Request)" not in e]
+
+
+def test_workload_link_shows_as_a_link_and_deletes_alone(logged_in_page, live_asgi, project, settings, tmp_path):
+    settings.AICHOR_STORAGE = "filesystem"
+    services.ensure_buckets(project)
+    target = tmp_path / "host-secret.txt"
+    target.write_text("not for the dashboard\n")
+    run = services.bucket_root(project.outputs_bucket) / "output" / "run1"
+    run.mkdir(parents=True)
+    os.symlink("/", run / "hostroot")  # as `ln -s / $AICHOR_OUTPUT_PATH/hostroot` leaves it
+    os.symlink(target, run / "x.txt")
+    page = logged_in_page
+
+    page.goto("/p/vision/datasets/?bucket=outputs&prefix=output/run1/")
+    row = page.locator("#browser tr[data-key='output/run1/hostroot']")
+    assert "link, not followed" in row.inner_text()
+    assert row.get_by_role("link").count() == 0  # neither a folder to open nor a file to download
+    assert page.locator("#browser tr[data-key='output/run1/x.txt']").get_by_role("link").count() == 0
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete x.txt").click()
+    page.locator("#browser tr[data-key='output/run1/x.txt']").wait_for(state="detached")
+    assert target.read_text() == "not for the dashboard\n"
+    assert [e.name for e in services.list_objects(project.outputs_bucket, "output/run1/").entries] == ["hostroot"]

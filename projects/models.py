@@ -2,11 +2,13 @@ import hashlib
 import secrets
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.utils import timezone
 
 from aichor.lib.crypto import decrypt
+from aichor.lib.git import GitInputError, check_clone_url
 
 
 class Engine(models.Model):
@@ -56,6 +58,12 @@ class Project(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        # A validator on the field would need a migration; clean() covers the admin's form.
+        problem = clone_url_problem(self.repo_clone_url)
+        if problem:
+            raise ValidationError({"repo_clone_url": problem})
+
     @property
     def webhook_secret(self) -> str:
         return decrypt(self.webhook_secret_encrypted)
@@ -74,6 +82,17 @@ class Project(models.Model):
         base = self.repo_web_url.rstrip("/")
         # GitLab puts commits under /-/commit/, GitHub and most others under /commit/.
         return f"{base}/-/commit/{sha}" if "gitlab" in base else f"{base}/commit/{sha}"
+
+
+def clone_url_problem(url: str) -> str | None:
+    """Why git must not be given `url` (SPEC §2), or None; an empty URL is allowed (no repository yet)."""
+    if not url:
+        return None
+    try:
+        check_clone_url(url, allow_local=settings.ALLOW_LOCAL_REPOS)
+    except GitInputError as exc:
+        return str(exc)
+    return None
 
 
 def new_namespace(slug: str) -> str:

@@ -1,6 +1,7 @@
 import logging
 import secrets
 
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -12,6 +13,7 @@ from projects.models import (
     PersistentVolumeClaim,
     Project,
     ProjectVariable,
+    clone_url_problem,
     new_namespace,
 )
 
@@ -28,6 +30,9 @@ def create_project(
     members: list = (),
     webhook_secret: str | None = None,
 ) -> Project:
+    problem = clone_url_problem(repo_clone_url)
+    if problem:
+        raise ValidationError({"repo_clone_url": problem})
     engines = list(engines)
     if default_engine and default_engine not in engines:
         engines.append(default_engine)

@@ -30,13 +30,15 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from aichor.limits import limit_requests  # noqa: E402
 from aichor.routing import websocket_urlpatterns  # noqa: E402
 from experiments.upload import route_archive_uploads  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        # Archive uploads stream socket -> storage; Django would spool the whole body first.
-        "http": route_archive_uploads(django_asgi_app),
+        # Body limits and the anonymous check come first, from the headers alone; archive
+        # uploads stream socket -> storage (Django would spool the whole body first).
+        "http": limit_requests(route_archive_uploads(django_asgi_app)),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -44,13 +44,13 @@ def test_project_admin_edits_settings_and_members(client, admin_user, member_use
         data |= {
             f"memberships-{i}-id": m.pk,
             f"memberships-{i}-project": project.pk,
-            f"memberships-{i}-user": m.user_id,
+            f"memberships-{i}-email": m.user.email,
             f"memberships-{i}-role": m.role,
         }
     n = len(memberships)
     data |= {
         f"memberships-{n}-project": project.pk,
-        f"memberships-{n}-user": newcomer.pk,
+        f"memberships-{n}-email": newcomer.email,
         f"memberships-{n}-role": "member",
     }
     response = client.post(f"/admin/projects/project/{project.pk}/change/", data)
@@ -58,6 +58,83 @@ def test_project_admin_edits_settings_and_members(client, admin_user, member_use
     project.refresh_from_db()
     assert project.repo_web_url == "https://github.com/acme/vision2"
     assert Membership.objects.filter(project=project, user=newcomer, role="member").exists()
+
+
+def membership_data(project, add_email: str) -> dict:
+    """The change form as the admin page posts it, with one new member row."""
+    memberships = list(project.memberships.select_related("user").order_by("pk"))
+    data = {
+        "name": project.name,
+        "repo_clone_url": project.repo_clone_url,
+        "repo_web_url": project.repo_web_url,
+        "engines": [project.default_engine_id],
+        "default_engine": project.default_engine_id,
+        "memberships-TOTAL_FORMS": str(len(memberships) + 1),
+        "memberships-INITIAL_FORMS": str(len(memberships)),
+        "memberships-MIN_NUM_FORMS": "0",
+        "memberships-MAX_NUM_FORMS": "1000",
+    }
+    for i, m in enumerate(memberships):
+        data |= {
+            f"memberships-{i}-id": m.pk,
+            f"memberships-{i}-project": project.pk,
+            f"memberships-{i}-email": m.user.email,
+            f"memberships-{i}-role": m.role,
+        }
+    n = len(memberships)
+    return data | {
+        f"memberships-{n}-project": project.pk,
+        f"memberships-{n}-email": add_email,
+        f"memberships-{n}-role": "member",
+    }
+
+
+def test_member_picker_shows_only_people_sharing_a_project(
+    client, admin_user, member_user, project, other_project, django_user_model
+):
+    django_user_model.objects.create_user("stranger@example.com", "stranger@example.com", "pw-str-12345")
+    client.force_login(admin_user)
+    html = client.get(f"/admin/projects/project/{project.pk}/change/").content.decode()
+    assert "member@example.com" in html  # a colleague, suggested
+    assert "stranger@example.com" not in html
+    assert "outsider@example.com" not in html  # admin of another project only
+    assert "<datalist" in html
+
+
+def test_superuser_picker_suggests_every_user(client, project, django_user_model):
+    root = django_user_model.objects.create_superuser("root@example.com", "root@example.com", "pw-root-123")
+    django_user_model.objects.create_user("stranger@example.com", "stranger@example.com", "pw-str-12345")
+    client.force_login(root)
+    html = client.get(f"/admin/projects/project/{project.pk}/change/").content.decode()
+    assert "stranger@example.com" in html
+
+
+def test_project_admin_adds_a_member_by_exact_email(client, admin_user, project, django_user_model):
+    stranger = django_user_model.objects.create_user("Stranger@Example.com", "Stranger@Example.com", "pw-s-12345")
+    client.force_login(admin_user)
+    response = client.post(
+        f"/admin/projects/project/{project.pk}/change/", membership_data(project, "stranger@example.com")
+    )
+    assert response.status_code == 302, response.content.decode()[:3000]
+    assert Membership.objects.filter(project=project, user=stranger, role="member").exists()
+
+
+def test_unknown_email_is_a_form_error(client, admin_user, project):
+    client.force_login(admin_user)
+    before = Membership.objects.filter(project=project).count()
+    response = client.post(
+        f"/admin/projects/project/{project.pk}/change/", membership_data(project, "nobody@example.com")
+    )
+    assert response.status_code == 200
+    assert "No user with the e-mail nobody@example.com." in response.content.decode()
+    assert Membership.objects.filter(project=project).count() == before
+
+
+def test_adding_an_existing_member_again_is_a_form_error(client, admin_user, member_user, project):
+    client.force_login(admin_user)
+    response = client.post(f"/admin/projects/project/{project.pk}/change/", membership_data(project, member_user.email))
+    assert response.status_code == 200
+    assert "member@example.com is already a member of this project." in response.content.decode()
 
 
 def test_project_admin_cannot_create_projects_or_touch_engines_and_users(client, admin_user, project):

@@ -1,0 +1,99 @@
+"""Per-engine limits (SPEC §4), set by organisation admins in the engine's `config` JSON.
+
+They are engine settings, not environment variables: one platform can run a small Docker host
+and a large cluster side by side. Every reader goes through `engine_limit`, which falls back to
+the default (with a warning) on a value that is not a positive integer, so a typo in an admin
+form never means "no limit"."""
+
+from __future__ import annotations
+
+import logging
+
+from projects.models import Engine
+
+log = logging.getLogger(__name__)
+
+MAX_PROCESSES = "max_processes_per_experiment"
+MAX_RUNNING = "max_running_experiments_per_project"
+
+DEFAULTS: dict[str, int] = {
+    # Fits the largest of AIchor's public demos: 10 jobs × 10 completions, parallelisms 2.
+    MAX_PROCESSES: 128,
+    MAX_RUNNING: 20,
+}
+
+
+def engine_limit(engine: Engine, name: str) -> int:
+    default = DEFAULTS[name]
+    value = (engine.config or {}).get(name) if isinstance(engine.config, dict) else None
+    if value is None:
+        return default
+    # bool is an int subclass: `true` in the JSON must not read as a limit of 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        log.warning(
+            "engine %s: config %s=%r is not a positive integer; using the default %d", engine.name, name, value, default
+        )
+        return default
+    return value
+
+
+def processes_at_once(manifest: dict) -> list[tuple[str, int]]:
+    """(path, processes) for every process group of a validated manifest, counted without
+    planning the processes: a jobset of 10^6 must cost as little as one of 10."""
+    spec = manifest["spec"]
+    operator, types = spec["operator"], spec["types"]
+    if operator == "batch":
+        name = next(iter(types), "worker")
+        return [(f"spec.types.{name}", 1)]
+    if operator == "jobset":
+        # Only `parallelisms` completions of a job run at the same time.
+        return [
+            (f"spec.types.{name}", group["count"] * min(group["parallelisms"], group["completions"]))
+            for name, group in types.items()
+        ]
+    if operator == "kuberay":
+        groups = [("spec.types.Head", 1)]
+        groups += [
+            (f"spec.types.Workers[{i}].count", pool["count"]) for i, pool in enumerate(spec.get("workers") or [])
+        ]
+        # The submitter runs the user's command as the Ray driver: one more process.
+        return [*groups, ("spec.types.Head", 1)]
+    # pytorch/xgboost (worker, or Master + Worker), jax (worker) and any operator whose types
+    # are plain counts: every replica of every type runs at once.
+    return [(f"spec.types.{name}.count", group["count"]) for name, group in types.items()]
+
+
+def check_processes(manifest: dict, engine: Engine) -> str | None:
+    """The "path: message" error when the manifest starts more processes at once than the
+    engine allows, else None."""
+    limit = engine_limit(engine, MAX_PROCESSES)
+    groups = processes_at_once(manifest)
+    total = sum(count for _path, count in groups)
+    if total <= limit:
+        return None
+    # Point at the group to change when one group alone is over the limit, else at the types.
+    path, biggest = max(groups, key=lambda group: group[1])
+    if biggest <= limit:
+        path = "spec.types"
+    detail = ""
+    if manifest["spec"]["operator"] == "jobset" and path != "spec.types":
+        group = manifest["spec"]["types"][path.removeprefix("spec.types.")]
+        at_once = min(group["parallelisms"], group["completions"])
+        detail = f" (count {group['count']} × {at_once} completions in parallel)"
+    return f"{path}: {total} processes at once{detail} exceed engine {engine.name}'s limit of {limit} ({MAX_PROCESSES})"
+
+
+def check_started(manifest: dict, engine: Engine) -> str | None:
+    """What a single-host engine really starts: it runs every completion of a jobset group at
+    once (it does not yet hold completions back to `parallelisms`), so the limit bounds that
+    number too, before anything is planned."""
+    if manifest["spec"]["operator"] != "jobset":
+        return None
+    limit = engine_limit(engine, MAX_PROCESSES)
+    total = sum(group["count"] * group["completions"] for group in manifest["spec"]["types"].values())
+    if total <= limit:
+        return None
+    return (
+        f"spec.types: engine {engine.name} starts every completion at once, {total} processes, over its "
+        f"limit of {limit} ({MAX_PROCESSES})"
+    )

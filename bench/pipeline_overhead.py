@@ -38,7 +38,10 @@ def main() -> None:
     Experiment.objects.all().delete()
     Project.objects.filter(slug="bench").delete()
     repo = GitRepo(Path(tempfile.mkdtemp(prefix="aichor-bench-repo-")))
-    engine, _ = Engine.objects.get_or_create(name="bench-docker", defaults={"kind": "docker"})
+    # No bridge network on the bench host (dockerd --bridge=none): the experiment's own namespace.
+    engine, _ = Engine.objects.update_or_create(
+        name="bench-docker", defaults={"kind": "docker", "config": {"network": "none"}}
+    )
     project = create_project(
         name="Bench", slug="bench", repo_clone_url=repo.url, engines=[engine], webhook_secret="bench"
     )

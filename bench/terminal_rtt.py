@@ -158,7 +158,10 @@ def main() -> None:
 
     ensure_test_image(docker.from_env())
     Project.objects.filter(slug="bench-term").delete()
-    engine, _ = Engine.objects.get_or_create(name="bench-docker", defaults={"kind": "docker"})
+    # No bridge network on the bench host (dockerd --bridge=none): the experiment's own namespace.
+    engine, _ = Engine.objects.update_or_create(
+        name="bench-docker", defaults={"kind": "docker", "config": {"network": "none"}}
+    )
     user, _ = get_user_model().objects.get_or_create(username="bench-term@example.com")
     project = create_project(name="Bench terminal", slug="bench-term", engines=[engine], members=[user])
     experiment = start_running_experiment(project, engine)

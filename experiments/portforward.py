@@ -1,22 +1,24 @@
 """Port forwarding (SPEC §7, `aichor experiments port-forward`): one WebSocket carries one TCP
 connection, as raw bytes both ways, to a port inside one process of a Running experiment.
 
-Docker containers use the host network and local processes run on the server's host, so the
-port is reached at the engine host's address. Authorised in connect(): an API token
-(`Authorization: Bearer`, or `?token=` for clients that cannot set headers) or the browser
-session, then projects.access (outsiders get the same refusal as an unknown experiment).
-Refusals accept first and close with 4000 + the HTTP status they mirror, so a client can
-tell the reason (a refused handshake only ever says 403)."""
+The engine opens the connection (Engine.port_forward), inside the experiment's own network
+namespace: this consumer never connects anywhere itself, so the server's own services (Redis,
+PostgreSQL on its loopback) are out of reach, and a remote Docker host is reached where it is.
+Authorised in connect(): an API token (`Authorization: Bearer`; never a query string, which
+access logs keep) or the browser session, then projects.access (outsiders get the same refusal
+as an unknown experiment). Refusals accept first and close with 4000 + the HTTP status they
+mirror, so a client can tell the reason (a refused handshake only ever says 403)."""
 
 import asyncio
 import logging
-import os
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.http import Http404
 
+from experiments.engines import get_engine
+from experiments.engines.base import Engine, EngineError, ExecSession, NotSupported
 from experiments.models import Experiment, Status, StepName
 from experiments.pipeline import handle_processes
 from projects.access import get_experiment
@@ -30,8 +32,7 @@ CLOSE_NOT_FOUND = 4404
 CLOSE_NOT_RUNNING = 4409
 CLOSE_UNSUPPORTED = 4501
 CLOSE_UNREACHABLE = 4502
-READ_SIZE = 64 * 1024
-CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 0.5  # how soon a reader thread notices the tunnel was closed
 
 
 class Refused(Exception):
@@ -40,21 +41,9 @@ class Refused(Exception):
         self.code = code
 
 
-def engine_host(experiment: Experiment) -> str:
-    if experiment.engine.kind == "local":
-        return "127.0.0.1"
-    if experiment.engine.kind == "docker":
-        base = experiment.engine.config.get("docker_host") or os.environ.get("DOCKER_HOST") or ""
-        # A tcp:// or ssh:// Docker host is another machine: its host network is there.
-        return urlsplit(base).hostname or "127.0.0.1" if base.startswith(("tcp://", "ssh://")) else "127.0.0.1"
-    raise Refused(CLOSE_UNSUPPORTED, f"port-forward is not available on {experiment.engine.kind} engines")
-
-
 def _user_of(scope):
     headers = dict(scope.get("headers") or [])
     raw = bearer_of(headers.get(b"authorization", b"").decode("latin-1"))
-    if not raw:
-        raw = (parse_qs(scope.get("query_string", b"").decode()).get("token") or [None])[0]
     if raw:
         return authenticate_token(raw)
     user = scope.get("user")
@@ -62,13 +51,13 @@ def _user_of(scope):
 
 
 @database_sync_to_async
-def authorise(scope, experiment_id, process: str | None) -> tuple[str, str]:
-    """(host, process) to connect to, or Refused."""
+def authorise(scope, experiment_id, process: str | None) -> tuple[Engine, dict, str]:
+    """(engine, handle, process) to forward to, or Refused."""
     user = _user_of(scope)
     if user is None:
-        raise Refused(CLOSE_NOT_LOGGED_IN, "authenticate with an API token")
+        raise Refused(CLOSE_NOT_LOGGED_IN, "authenticate with an API token (Authorization: Bearer)")
     try:
-        experiment = get_experiment(user, experiment_id)
+        experiment: Experiment = get_experiment(user, experiment_id)
     except Http404:
         raise Refused(CLOSE_NOT_FOUND, "no such experiment") from None
     if experiment.status != Status.PROCESSING or experiment.current_step != StepName.RUNNING:
@@ -78,7 +67,25 @@ def authorise(scope, experiment_id, process: str | None) -> tuple[str, str]:
         raise Refused(CLOSE_NOT_RUNNING, "the experiment has no process yet")
     if process and process not in processes:
         raise Refused(CLOSE_BAD_PROCESS, f"no process {process}; it has {', '.join(processes)}")
-    return engine_host(experiment), process or processes[0]
+    try:
+        engine = get_engine(experiment.engine)
+    except EngineError as exc:
+        raise Refused(CLOSE_UNSUPPORTED, str(exc)) from None
+    return engine, experiment.handle, process or processes[0]
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():  # the descriptor stays readable until the pump reads it
+        future.set_result(None)
+
+
+def _open(engine: Engine, handle: dict, process: str, port: int) -> ExecSession:
+    try:
+        return engine.port_forward(handle, process, port)
+    except NotSupported as exc:
+        raise Refused(CLOSE_UNSUPPORTED, str(exc)) from None
+    except EngineError as exc:
+        raise Refused(CLOSE_UNREACHABLE, str(exc)) from None
 
 
 class PortForwardConsumer(AsyncWebsocketConsumer):
@@ -87,7 +94,7 @@ class PortForwardConsumer(AsyncWebsocketConsumer):
     channel_layer_alias = "no-channel-layer"
 
     async def connect(self) -> None:
-        self.writer: asyncio.StreamWriter | None = None
+        self.session: ExecSession | None = None
         self.pump: asyncio.Task | None = None
         kwargs = self.scope["url_route"]["kwargs"]
         port = kwargs["port"]
@@ -96,32 +103,58 @@ class PortForwardConsumer(AsyncWebsocketConsumer):
         try:
             if not 0 < port < 65536:
                 raise Refused(CLOSE_BAD_PROCESS, "the port must be between 1 and 65535")
-            host, process = await authorise(self.scope, kwargs["experiment_id"], process)
-            try:
-                reader, self.writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
-            except (OSError, TimeoutError):
-                raise Refused(CLOSE_UNREACHABLE, f"nothing answers on port {port} in {process}") from None
+            engine, handle, process = await authorise(self.scope, kwargs["experiment_id"], process)
+            self.session = await asyncio.to_thread(_open, engine, handle, process, port)
         except Refused as refused:
-            await self.close(code=refused.code, reason=str(refused))
+            await self._close(refused.code, str(refused))
             return
-        self.pump = asyncio.create_task(self._pump(reader))
+        self.pump = asyncio.create_task(self._pump(self.session))
 
-    async def _pump(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while data := await reader.read(READ_SIZE):
+    async def _pump(self, session: ExecSession) -> None:
+        fd = session.fileno()
+        loop = asyncio.get_running_loop()
+        while True:
+            if fd is None:
+                data = await asyncio.to_thread(session.read, READ_TIMEOUT)
+            else:
+                # Readiness on the event loop, one read per wake-up: the next read waits until
+                # the WebSocket took this one, so a slow client slows the sender down.
+                readable = loop.create_future()
+                loop.add_reader(fd, _wake, readable)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(fd)
+                data = session.read(0)
+            if data is None:
+                break
+            if data:
                 await self.send(bytes_data=data)
-        except OSError:
-            pass
-        await self.close()
+        failure = session.failure()
+        if failure:
+            await self._close(CLOSE_UNREACHABLE, failure)
+        else:
+            await self.close()
+
+    async def _close(self, code: int, reason: str) -> None:
+        # WebSocket close reasons are capped at 123 bytes.
+        await self.close(code=code, reason=reason.encode()[:120].decode(errors="ignore"))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if self.writer is None:
+        if self.session is None:
             return
-        self.writer.write(bytes_data if bytes_data is not None else (text_data or "").encode())
-        await self.writer.drain()
+        data = bytes_data if bytes_data is not None else (text_data or "").encode()
+        try:
+            written = self.session.write_nowait(data)
+            if written < len(data):
+                # What the far side does not take now waits in a thread, never on the event loop.
+                await asyncio.to_thread(self.session.write, data[written:])
+        except OSError:
+            pass  # the connection is gone; the pump reports the end
 
     async def disconnect(self, code: int) -> None:
         if self.pump is not None:
             self.pump.cancel()
-        if self.writer is not None:
-            self.writer.close()
+        if self.session is not None:
+            session, self.session = self.session, None
+            await asyncio.to_thread(session.close)

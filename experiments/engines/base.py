@@ -10,7 +10,15 @@ class EngineError(Exception):
 
 
 class Cancelled(Exception):
-    """Raised inside build/clone loops when the experiment was cancelled meanwhile."""
+    """Raised inside build/clone/submit loops when the experiment was cancelled meanwhile."""
+
+
+class NotSupported(EngineError):
+    """The engine has no such feature at all (as opposed to failing this once)."""
+
+
+def never() -> bool:
+    return False
 
 
 @dataclass
@@ -64,10 +72,18 @@ class ExecSession:
     def close(self) -> None:
         raise NotImplementedError
 
+    def failure(self) -> str | None:
+        """Once read() reported the end: why the stream failed (a port-forward whose port
+        nothing answers on), or None when it simply ended."""
+        return None
+
 
 class Engine:
     kind: str = ""
     needs_image = True
+    # Whether a jobset's completions run `parallelisms` at a time (a cluster's Indexed Job does);
+    # a single host starts them all at once, and the process limit must count them all.
+    holds_back_completions = False
 
     def __init__(self, config: dict | None = None) -> None:
         self.config = config or {}
@@ -98,8 +114,11 @@ class Engine:
         mounts: list[Mount],
         workdir: str | None,
         log: Callable[[str], None],
+        cancelled: Callable[[], bool] = never,
     ) -> dict:
-        """Start every process; return a JSON-able handle to find them again."""
+        """Start every process; return a JSON-able handle to find them again. `cancelled` is
+        asked between two process creations: when it says so, everything created so far is
+        removed and Cancelled raised (a 1000-process manifest must not outlive its Cancel)."""
         raise NotImplementedError
 
     def find(self, experiment_id: str) -> dict | None:
@@ -119,6 +138,13 @@ class Engine:
 
     def exec(self, handle: dict, process: str, *, command: list[str], tty: bool = True) -> ExecSession:
         raise NotImplementedError
+
+    def port_forward(self, handle: dict, process: str, port: int) -> ExecSession:
+        """A byte stream to TCP `port` as `process` sees it on 127.0.0.1: inside the
+        experiment's own network namespace, never the server's loopback. EngineError when it
+        cannot be opened (the message says why, for the user); a connection refused later is
+        reported by the session's failure()."""
+        raise NotSupported(f"port-forward is not available on {self.kind} engines")
 
     def hold(self, handle: dict, seconds: float) -> dict:
         """Debug hold: keep a failed experiment's processes, exited ones included, reachable by

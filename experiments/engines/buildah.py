@@ -190,9 +190,12 @@ def build(
     secrets: dict[str, str],
     log: Callable[[str], None],
     cancelled: Callable[[], bool],
+    network: str = "none",
 ) -> str:
     """Build `tag` with buildah, the secrets mounted as `_env`, and load it into the Docker
-    Engine behind `docker_api` (a docker.APIClient)."""
+    Engine behind `docker_api` (a docker.APIClient). `network` is the Docker engine's: `host`
+    and `none` mean the same to buildah; a Docker network name (`bridge`) becomes buildah's own
+    isolated namespace, since buildah runs on the worker and knows no Docker network."""
     if not shutil.which("buildah"):
         raise EngineError("build secrets need buildah on the worker host (apt-get install buildah)")
     mask = Masker(secrets)
@@ -217,7 +220,7 @@ def build(
             # Base images were copied from the Docker Engine above: buildah must not reach for
             # a registry (unreachable here, and without the engine's credentials anyway).
             "--pull=never",
-            "--network=host",
+            f"--network={network if network in ('host', 'none') else 'private'}",
             "--force-rm",
             f"--secret=id={SECRET_ID},src={env_file}",
             f"--iidfile={iid_file}",

@@ -1,6 +1,15 @@
 """Docker engine: every process of an experiment is one container on a single Docker host,
-labelled with the experiment id so it can always be found again (reconcile, cancel)."""
+labelled with the experiment id so it can always be found again (reconcile, cancel).
 
+Networking is a Kubernetes pod's: one small "netns" container per experiment (from the
+experiment's own image, which the host always has) holds a network namespace on the engine's
+Docker network (`network`, default `bridge`; `host` only when an organisation admin sets it),
+and every process container joins it (`container:<netns>`). So the processes reach each other on
+127.0.0.1, one exiting early does not take the namespace away, and port-forward reaches a port
+there through the Docker API (an exec in the netns container), on a remote DOCKER_HOST too.
+A single-process experiment needs no holder: its one container owns the namespace."""
+
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -8,16 +17,27 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import docker
+import requests
+import urllib3
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 from docker.types import Mount as DockerMount
 
 from experiments.engines import buildah
-from experiments.engines.base import Cancelled, Engine, EngineError, ExecSession, ProcessSpec, ProcessState
+from experiments.engines.base import (
+    Cancelled,
+    Engine,
+    EngineError,
+    ExecSession,
+    ProcessSpec,
+    ProcessState,
+    never,
+)
 
 LABEL = "aichor.experiment"
 BUILD_KEY_LABEL = "aichor.build-key"
@@ -26,6 +46,54 @@ _INFO_CACHE: dict[str, tuple[float, dict]] = {}
 INFO_TTL = 60.0
 PROCESS_LABEL = "aichor.process"
 HOLD_LABEL = "aichor.hold"  # containers and images made for a debug hold
+NETNS_LABEL = "aichor.netns"  # the container holding an experiment's network namespace
+DEFAULT_NETWORK = "bridge"
+# PID 1 of the netns container: it only has to exist. A shell loop, because any image that can
+# run the processes (`/bin/sh -c`) can run it.
+NETNS_COMMAND = "while :; do sleep 3600; done"
+NO_FORWARDER = "port-forward needs nc, socat or python3 in the image"
+# Runs in the netns container, so 127.0.0.1 is the experiment's loopback. $1 is the port, $2 the
+# Python relay. Whichever tool the image has; a tunnel that closes ends its stdin, and the tool
+# then closes the connection (busybox nc and the relay half-close, as kubectl port-forward does).
+FORWARDER = f"""
+if command -v nc >/dev/null 2>&1; then exec nc 127.0.0.1 "$1"; fi
+if command -v busybox >/dev/null 2>&1 && busybox --list 2>/dev/null | grep -qx nc; then
+  exec busybox nc 127.0.0.1 "$1"
+fi
+if command -v socat >/dev/null 2>&1; then exec socat - "TCP:127.0.0.1:$1"; fi
+for py in python3 python; do
+  if command -v "$py" >/dev/null 2>&1; then exec "$py" -c "$2" "$1"; fi
+done
+echo "{NO_FORWARDER}" >&2
+exit 127
+"""
+# Python 2 and 3: an old image's `python` relays too.
+RELAY = """
+import os, select, socket, sys
+try:
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 10)
+except (OSError, socket.error) as exc:
+    sys.stderr.write("cannot connect to 127.0.0.1:%s: %s\\n" % (sys.argv[1], exc))
+    sys.exit(1)
+s.settimeout(None)
+i, o = sys.stdin.fileno(), sys.stdout.fileno()
+ins = [i, s]
+while s in ins:
+    for f in select.select(ins, [], [])[0]:
+        if f is s:
+            data = s.recv(65536)
+            if not data:
+                ins.remove(s)
+            while data:
+                data = data[os.write(o, data):]
+        else:
+            data = os.read(i, 65536)
+            if data:
+                s.sendall(data)
+            else:
+                s.shutdown(socket.SHUT_WR)
+                ins.remove(i)
+"""
 
 
 def parse_ts_ns(stamp: str) -> int:
@@ -47,6 +115,22 @@ class DockerEngine(Engine):
         return self.config.get("docker_host") or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
     @property
+    def network(self) -> str:
+        """The Docker network workloads and builds use; `host` only when an admin chose it."""
+        return self.config.get("network") or DEFAULT_NETWORK
+
+    def _check_network(self) -> None:
+        """A clear reason up front rather than Docker's "network bridge not found" mid-way (a
+        dockerd started with --bridge=none has no `bridge`)."""
+        try:
+            self.client.api.inspect_network(self.network)
+        except NotFound:
+            raise EngineError(
+                f"the Docker network {self.network!r} does not exist on this Docker host: set the engine's "
+                '`network` (config, in the admin) to an existing network, or "none" for no network at all'
+            ) from None
+
+    @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
             try:
@@ -57,6 +141,7 @@ class DockerEngine(Engine):
 
     # --- build -------------------------------------------------------------------------
     def build(self, *, context_dir, dockerfile, tag, build_args, target, secrets, log, cancelled) -> str:
+        self._check_network()
         if secrets:
             # The classic builder has no secret mounts (and BuildKit is not packaged in Debian 12):
             # buildah builds it with the secrets mounted, then loads it into this engine.
@@ -71,6 +156,7 @@ class DockerEngine(Engine):
                 secrets=secrets,
                 log=log,
                 cancelled=cancelled,
+                network=self.network,
             )
         key = self._build_key(context_dir, dockerfile, build_args, target)
         if key:
@@ -92,7 +178,8 @@ class DockerEngine(Engine):
             rm=True,
             forcerm=True,
             pull=False,
-            network_mode="host",
+            # A member's `RUN` must not reach the server's own services (Redis, PostgreSQL).
+            network_mode=self.network,
             labels={BUILD_KEY_LABEL: key} if key else None,
         )
         outcome: dict = {}
@@ -202,14 +289,26 @@ class DockerEngine(Engine):
         info = self._info()
         return int(info.get("NCPU") or os.cpu_count() or 1), int(info.get("MemTotal") or 0)
 
-    def submit(self, *, experiment_id, image, processes, mounts, workdir, log) -> dict:
-        # A retried submit must not start twins.
-        self.cleanup_experiment(experiment_id)
+    def submit(self, *, experiment_id, image, processes, mounts, workdir, log, cancelled=never) -> dict:
+        # A retried submit must not start twins (hold images only exist after a run: not here).
+        self._remove_containers(experiment_id)
         ncpu, _mem = self._host_limits()
         gpu_ok = self._has_gpu_runtime()
-        containers = {}
+        containers: dict[str, str] = {}
+        netns = None
+        netns_started: concurrent.futures.Future | None = None
+        # One process is its own namespace's owner: a holder would only double the cost of a
+        # start (a namespace's creation is most of it) for a namespace no one else joins.
+        shared = len(processes) > 1
         try:
+            if shared:
+                netns = self._create_netns(experiment_id, image)
+                # The processes are created while the holder starts (only their own start needs
+                # it running).
+                netns_started = _STARTER.submit(self.client.api.start, netns)
             for proc in processes:
+                if cancelled():
+                    raise Cancelled()
                 res = proc.resources or {}
                 kwargs: dict = {}
                 cpus = float(res.get("cpus") or 0) * float(res.get("cpuLimitRatio") or 1)
@@ -227,7 +326,7 @@ class DockerEngine(Engine):
                 api = self.client.api
                 name = f"aichor-{experiment_id[:8]}-{proc.name}-{os.urandom(2).hex()}"
                 host_config = api.create_host_config(
-                    network_mode="host",
+                    network_mode=f"container:{netns}" if shared else self.network,
                     mounts=[DockerMount(m.target, m.source, type="bind", read_only=m.read_only) for m in mounts],
                     **kwargs,
                 )
@@ -243,21 +342,64 @@ class DockerEngine(Engine):
                 )
                 containers[proc.name] = created["Id"]
                 log(f"created container {name} for {proc.name}\n")
+            if netns_started is not None:
+                netns_started.result()
+                netns_started = None
+                log(f"network namespace on Docker network {self.network} ready\n")
             for name, cid in containers.items():
+                if cancelled():
+                    raise Cancelled()
                 self.client.api.start(cid)
                 log(f"started {name}\n")
+        except Cancelled:
+            _settle(netns_started)
+            self._discard({"containers": containers, "netns": netns})
+            log(f"cancelled: removed the {len(containers)} container(s) created so far\n")
+            raise
         except (APIError, DockerException) as exc:
-            handle = {"containers": containers}
+            _settle(netns_started)
+            self._discard({"containers": containers, "netns": netns})
+            self._check_network()  # a missing network is named, not left to Docker's words
+            if cancelled():
+                # The stop task removed the namespace under a creation: a cancel, not a failure.
+                log(f"cancelled: removed the {len(containers)} container(s) created so far\n")
+                raise Cancelled() from None
+            raise EngineError(f"could not start the containers: {_explain(exc)}") from None
+        return {"containers": containers, "netns": netns or next(iter(containers.values()), None)}
+
+    def _discard(self, handle: dict) -> None:
+        try:
             self.cancel(handle)
             self.cleanup(handle)
-            raise EngineError(f"could not start the containers: {_explain(exc)}") from None
-        return {"containers": containers}
+        except (APIError, DockerException):
+            pass  # the labels let the stop task and reconcile find whatever is left
+
+    def _create_netns(self, experiment_id: str, image: str) -> str:
+        """The experiment's network namespace: a container that only sleeps, on the engine's
+        network. Not a process: status, logs and exec never see it. Created, not started."""
+        api = self.client.api
+        created = api.create_container(
+            image,
+            entrypoint=["/bin/sh", "-c"],
+            command=[NETNS_COMMAND],
+            name=f"aichor-{experiment_id[:8]}-netns-{os.urandom(2).hex()}",
+            labels={LABEL: experiment_id, NETNS_LABEL: experiment_id},
+            host_config=api.create_host_config(network_mode=self.network),
+            detach=True,
+        )
+        return created["Id"]
 
     def find(self, experiment_id: str) -> dict | None:
         found = self.client.api.containers(all=True, filters={"label": f"{LABEL}={experiment_id}"})
-        if not found:
+        processes = [c for c in found if NETNS_LABEL not in c["Labels"]]
+        if not processes:
             return None
-        return {"containers": {c["Labels"].get(PROCESS_LABEL, c["Id"]): c["Id"] for c in found}}
+        handle: dict = {"containers": {c["Labels"].get(PROCESS_LABEL, c["Id"]): c["Id"] for c in processes}}
+        netns = [c["Id"] for c in found if NETNS_LABEL in c["Labels"]]
+        if netns or len(handle["containers"]) == 1:
+            # A lone process owns its namespace (see submit).
+            handle["netns"] = netns[0] if netns else next(iter(handle["containers"].values()))
+        return handle
 
     def status(self, handle: dict) -> list[ProcessState]:
         states = []
@@ -276,30 +418,24 @@ class DockerEngine(Engine):
                 states.append(ProcessState(name, "running"))
         return states
 
-    def logs(self, handle: dict, process: str, cursor: int | None = None) -> tuple[list[str], int | None]:
-        """New output lines of a process since `cursor` (nanoseconds of the last line seen)."""
+    def logs(
+        self, handle: dict, process: str, cursor: list[int] | int | None = None
+    ) -> tuple[list[str], list[int] | None]:
+        """New output lines of a process after `cursor`: at most LOG_BUDGET_BYTES of them per
+        call, so a burst is read in several calls and never held whole. A line still being
+        written stays for a later call. The cursor is [since_ns, taken] (see _read_log)."""
         cid = handle.get("containers", {}).get(process)
         if not cid:
             return [], cursor
-        # One second of overlap, then drop what was seen: `since` has second-ish precision.
-        since = max(cursor / 1e9 - 1, 0.000001) if cursor else None
-        try:
-            raw = self.client.api.logs(cid, stdout=True, stderr=True, timestamps=True, since=since)
-        except NotFound:
-            return [], cursor
-        lines = []
-        for line in raw.decode("utf-8", "replace").splitlines(keepends=True):
-            stamp, _, text = line.partition(" ")
-            try:
-                ns = parse_ts_ns(stamp)
-            except ValueError:
-                lines.append(line)
-                continue
-            if cursor is not None and ns <= cursor:
-                continue
-            cursor = ns
-            lines.append(text if text.endswith("\n") else text + "\n")
-        return lines, cursor
+        return _read_log(self.client.api, cid, cursor, final=False)
+
+    def final_logs(self, handle: dict, process: str, cursor: list[int] | int | None) -> list[str]:
+        """Once the process has exited: like logs(), plus its unfinished last line when the
+        log ends there. Callers first call logs() until it returns nothing."""
+        cid = handle.get("containers", {}).get(process)
+        if not cid:
+            return []
+        return _read_log(self.client.api, cid, cursor, final=True)[0]
 
     def exec(self, handle: dict, process: str, *, command: list[str], tty: bool = True) -> ExecSession:
         cid = handle.get("containers", {}).get(process)
@@ -313,6 +449,23 @@ class DockerEngine(Engine):
         except (APIError, DockerException) as exc:
             raise EngineError(f"cannot open a shell: {_explain(exc)}") from None
         return DockerExecSession(self.client.api, exec_id, sock)
+
+    def port_forward(self, handle: dict, process: str, port: int) -> ExecSession:
+        """An exec in the netns container: its 127.0.0.1 is the experiment's, whichever host
+        the Docker Engine runs on, and the server's own loopback is never in reach."""
+        netns = handle.get("netns")
+        if process not in handle.get("containers", {}):
+            raise EngineError(f"no process named {process}")
+        if not netns:
+            raise EngineError("this experiment was started before port-forward went through the engine")
+        try:
+            exec_id = self.client.api.exec_create(
+                netns, ["/bin/sh", "-c", FORWARDER, "aichor-port-forward", str(port), RELAY], stdin=True, tty=False
+            )["Id"]
+            sock = self.client.api.exec_start(exec_id, tty=False, socket=True)
+        except (APIError, DockerException) as exc:
+            raise EngineError(f"cannot reach port {port}: {_explain(exc)}") from None
+        return DockerStreamSession(self.client.api, exec_id, sock, f"nothing answers on port {port} in {process}")
 
     def cancel(self, handle: dict) -> None:
         for cid in handle.get("containers", {}).values():
@@ -349,6 +502,9 @@ class DockerEngine(Engine):
                 )
                 images.append(image.id)
                 config = container.attrs["Config"]
+                # A lone process owned the namespace it took down with it: the held copy gets
+                # a namespace of its own and owns it in turn.
+                owned = handle.get("netns") == cid
                 sibling = self.client.containers.create(
                     image.id,
                     entrypoint=["sleep"],
@@ -357,7 +513,9 @@ class DockerEngine(Engine):
                     labels={LABEL: experiment_id, PROCESS_LABEL: name, HOLD_LABEL: experiment_id},
                     environment=config.get("Env") or [],
                     working_dir=config.get("WorkingDir") or None,
-                    network_mode="host",
+                    # The experiment's namespace, which outlives its processes: the held copy
+                    # is reached on the same 127.0.0.1 ports as its siblings.
+                    network_mode=f"container:{handle['netns']}" if handle.get("netns") and not owned else self.network,
                     mounts=[
                         DockerMount(m["Destination"], m["Source"], type="bind", read_only=not m.get("RW", True))
                         for m in container.attrs.get("Mounts") or []
@@ -368,6 +526,8 @@ class DockerEngine(Engine):
                 sibling.start()
                 originals.append(cid)
                 held["containers"][name] = sibling.id
+                if owned:
+                    held["netns"] = sibling.id
         except (APIError, DockerException) as exc:
             self.cleanup({"containers": {}, "held_originals": [], "hold_images": images})
             raise EngineError(f"could not hold the failed containers: {_explain(exc)}") from None
@@ -375,7 +535,8 @@ class DockerEngine(Engine):
         return held
 
     def cleanup(self, handle: dict) -> None:
-        for cid in [*handle.get("containers", {}).values(), *handle.get("held_originals", [])]:
+        netns = [handle["netns"]] if handle.get("netns") else []
+        for cid in [*handle.get("containers", {}).values(), *handle.get("held_originals", []), *netns]:
             try:
                 self.client.api.remove_container(cid, force=True)
             except NotFound:
@@ -387,17 +548,35 @@ class DockerEngine(Engine):
                 pass  # gone already, or still used by a container a racing cleanup removes
 
     def cleanup_experiment(self, experiment_id: str) -> None:
-        # Every labelled container, not find()'s one-per-process view: a held process has two.
-        for found in self.client.api.containers(all=True, filters={"label": f"{LABEL}={experiment_id}"}):
-            try:
-                self.client.api.remove_container(found["Id"], force=True)
-            except NotFound:
-                pass
+        self._remove_containers(experiment_id)
         for image in self.client.images.list(filters={"label": f"{HOLD_LABEL}={experiment_id}"}):
             try:
                 self.client.api.remove_image(image.id, force=True)
             except (NotFound, APIError):
                 pass
+
+    def _remove_containers(self, experiment_id: str) -> None:
+        # Every labelled container, not find()'s one-per-process view: a held process has two.
+        # The namespace holder last: the processes still joined to it go first.
+        found_all = self.client.api.containers(all=True, filters={"label": f"{LABEL}={experiment_id}"})
+        for found in sorted(found_all, key=lambda c: NETNS_LABEL in (c.get("Labels") or {})):
+            try:
+                self.client.api.remove_container(found["Id"], force=True)
+            except NotFound:
+                pass
+
+
+# Starts namespace holders while submit creates the processes; a few threads for all engines.
+_STARTER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="aichor-netns")
+
+
+def _settle(started: concurrent.futures.Future | None) -> None:
+    """Wait for a namespace start under way, so cleanup never races it; its error is moot."""
+    if started is not None:
+        try:
+            started.result()
+        except (APIError, DockerException):
+            pass
 
 
 class DockerExecSession(ExecSession):
@@ -464,6 +643,57 @@ class DockerExecSession(ExecSession):
             self.sock.close()
 
 
+class DockerStreamSession(DockerExecSession):
+    """A non-TTY exec: the daemon frames its output (8-byte headers: stream type, 3 zero bytes,
+    big-endian size), so stdout is the byte stream and stderr the command's complaint. Input
+    is not framed."""
+
+    STDOUT, STDERR = 1, 2
+
+    def __init__(self, api, exec_id: str, sock, refused: str) -> None:
+        super().__init__(api, exec_id, sock)
+        self.refused = refused
+        self._pending = bytearray()  # received, not yet demultiplexed
+        self._stderr = bytearray()
+        self._got_output = False
+
+    def read(self, timeout: float | None = None) -> bytes | None:
+        while True:
+            raw = super().read(timeout)
+            if raw is None:
+                return None
+            self._pending += raw
+            out = self._demux()
+            # Only stderr or half a header arrived: a caller waiting (timeout None) waits on.
+            if out or timeout is not None:
+                return out
+
+    def _demux(self) -> bytes:
+        out = bytearray()
+        while len(self._pending) >= 8:
+            kind, size = self._pending[0], int.from_bytes(self._pending[4:8], "big")
+            if len(self._pending) < 8 + size:
+                break
+            payload = self._pending[8 : 8 + size]
+            del self._pending[: 8 + size]
+            if kind == self.STDERR:
+                self._stderr += payload[: 4096 - len(self._stderr)]
+            else:
+                out += payload
+        if out:
+            self._got_output = True
+        return bytes(out)
+
+    def resize(self, rows: int, cols: int) -> None:
+        pass  # no TTY
+
+    def failure(self) -> str | None:
+        if self._got_output or not self._stderr:
+            return None
+        text = self._stderr.decode("utf-8", "replace").strip()
+        return NO_FORWARDER if NO_FORWARDER in text else self.refused
+
+
 def _abort_stream(stream) -> None:
     """Cut the build's HTTP connection: the daemon cancels a classic build whose client left."""
     frame = getattr(stream, "gi_frame", None)
@@ -483,3 +713,232 @@ def _abort_stream(stream) -> None:
 
 def _explain(exc: Exception) -> str:
     return getattr(exc, "explanation", None) or str(exc)
+
+
+# --- workload logs -------------------------------------------------------------------------
+# The most new output one logs() call reads: a workload printing gigabytes is collected in
+# pieces, and the worker's memory stays flat whatever the size of the log.
+LOG_BUDGET_BYTES = 4 * 1024 * 1024
+# Docker stamps a message when its copier reads it, and the stdout and stderr copiers race for
+# the log file: a message can land just after one stamped a little later. So a cursor restarts
+# this much before the newest message it took, and skips by count what it took since then.
+_LOG_OVERLAP_NS = 50_000_000
+_LOG_BUCKET_NS = 1_000_000
+# The json-file driver has no index: every logs request makes the daemon decode the container's
+# whole log file to find `since`. A read stopped by the budget keeps its stream open, so the
+# next call from where it stopped (the same task, a moment later) goes on without a new scan.
+_OPEN_READERS: dict[tuple[str, int, int], "_LogReader"] = {}
+_OPEN_READERS_LOCK = threading.Lock()
+_OPEN_READER_SECONDS = 10.0
+_OPEN_READERS_MAX = 16
+
+
+def _read_log(
+    api: docker.APIClient, cid: str, cursor: list[int] | int | None, *, final: bool
+) -> tuple[list[str], list[int] | None]:
+    since_ns, taken = _log_position(cursor)
+    reader = _take_reader(cid, since_ns, taken)
+    if reader is not None:
+        lines, (since_ns, taken) = _read_piece(cid, reader, final)
+        if lines or not reader.ended:
+            return lines, [since_ns, taken]
+        # A kept stream ends where the log ended when it was opened: look at the log as it is now.
+    try:
+        reader = _LogReader(api, cid, since_ns, taken)
+    except NotFound:
+        return [], cursor
+    lines, position = _read_piece(cid, reader, final)
+    return lines, (None if position == (0, 0) else list(position))
+
+
+def _read_piece(cid: str, reader: "_LogReader", final: bool) -> tuple[list[str], tuple[int, int]]:
+    try:
+        lines, position = reader.read(final=final)
+    except BaseException:
+        reader.close()
+        raise
+    if reader.ended:
+        reader.close()
+    else:
+        _keep_reader(cid, position, reader)
+    return lines, position
+
+
+def _log_position(cursor: list[int] | int | None) -> tuple[int, int]:
+    if cursor is None:
+        return 0, 0
+    if isinstance(cursor, int):  # a handle from before bounded reads: the stamp of the last line
+        return cursor + 1, 0
+    return int(cursor[0]), int(cursor[1])
+
+
+def _take_reader(cid: str, since_ns: int, taken: int) -> "_LogReader | None":
+    with _OPEN_READERS_LOCK:
+        reader = _OPEN_READERS.pop((cid, since_ns, taken), None)
+        stale = _stale_readers()
+    for old in stale:
+        old.close()
+    return reader
+
+
+def _keep_reader(cid: str, position: tuple[int, int], reader: "_LogReader") -> None:
+    reader.kept_at = time.monotonic()
+    with _OPEN_READERS_LOCK:
+        # Only one continuation of a container's log is ever right: the newest.
+        replaced = [_OPEN_READERS.pop(key) for key in list(_OPEN_READERS) if key[0] == cid]
+        _OPEN_READERS[(cid, *position)] = reader
+        stale = replaced + _stale_readers()
+    for old in stale:
+        old.close()
+
+
+def _stale_readers() -> list["_LogReader"]:
+    """Readers nobody came back for (the task moved to another worker, the experiment ended)."""
+    now = time.monotonic()
+    stale = [key for key, r in _OPEN_READERS.items() if now - r.kept_at > _OPEN_READER_SECONDS]
+    while len(_OPEN_READERS) - len(stale) > _OPEN_READERS_MAX:
+        stale.append(min((k for k in _OPEN_READERS if k not in stale), key=lambda k: _OPEN_READERS[k].kept_at))
+    return [_OPEN_READERS.pop(key) for key in stale]
+
+
+class _LogReader:
+    """One streamed read of a container's log from a cursor, in pieces of LOG_BUDGET_BYTES.
+
+    A cursor (since_ns, taken) means: of the messages stamped since_ns or later, in the log's
+    own order, the first `taken` are stored. Several messages can share a stamp (the 16 KiB
+    pieces Docker cuts a long line into do), so a stamp alone would lose or repeat some. Pieces
+    of one line are stored as one line; a line still being written, or cut by the budget, is
+    left for the next piece, except a line longer than the budget (stored in pieces) and, when
+    `final`, the unfinished last line of an exited process."""
+
+    def __init__(self, api: docker.APIClient, cid: str, since_ns: int, taken: int) -> None:
+        stream = api.logs(
+            cid,
+            stdout=True,
+            stderr=True,
+            timestamps=True,
+            stream=True,
+            follow=False,
+            # A float cannot carry nanoseconds: ask from a millisecond early, filter exactly below.
+            since=(since_ns - _LOG_BUCKET_NS) / 1e9 if since_ns > _LOG_BUCKET_NS else None,
+        )
+        # The frames are parsed here from large reads: docker-py's own iterator makes two
+        # urllib3 reads per message, too slow for millions of lines. (aichor never starts a
+        # process with a TTY, whose log would not be multiplexed.)
+        self._response = stream._response
+        self._frames = _frames(self._response)
+        self.since_ns, self.taken = since_ns, taken
+        self.seen = 0  # messages stamped since_ns or later read so far
+        self.stored = taken  # of those, how many are stored (by earlier calls or returned)
+        self.newest = 0  # the newest stamp among the stored
+        self.per_ms: dict[int, int] = {}  # stored messages per millisecond near the newest
+        self.pending: list[bytes] = []  # pieces of a line not ended yet
+        self.pending_stamps: list[int] = []
+        self.ended = False
+        self.kept_at = 0.0
+        self._second, self._second_ns, self._last_ns = b"", 0, 0
+
+    def read(self, *, final: bool) -> tuple[list[str], tuple[int, int]]:
+        lines: list[str] = []
+        size = 0
+        pending_size = sum(len(p) for p in self.pending)
+        for frame in self._frames:
+            ns, text = self._split(frame)
+            if ns < self.since_ns:
+                continue
+            self.seen += 1
+            if self.seen <= self.taken:  # stored by an earlier call
+                self._count(ns)
+                continue
+            self.pending.append(text)
+            self.pending_stamps.append(ns)
+            pending_size += len(text)
+            if text.endswith(b"\n"):
+                size += self._commit(lines)
+                pending_size = 0
+                if size >= LOG_BUDGET_BYTES:
+                    break
+            elif size + pending_size >= LOG_BUDGET_BYTES:
+                if not lines:  # a single line longer than the budget
+                    self._commit(lines)
+                break  # else the line starts the next piece, whole
+        else:
+            self.ended = True
+            if self.pending and final:
+                self._commit(lines)
+        return lines, self.position()
+
+    def position(self) -> tuple[int, int]:
+        start = (self.newest - _LOG_OVERLAP_NS) // _LOG_BUCKET_NS * _LOG_BUCKET_NS
+        # Moving on needs every message taken before seen again: a stream cut short tells
+        # nothing of the ones it did not reach.
+        if start > self.since_ns and self.seen >= self.taken:
+            return start, sum(n for ms, n in self.per_ms.items() if ms >= start // _LOG_BUCKET_NS)
+        return self.since_ns, self.stored
+
+    def _commit(self, lines: list[str]) -> int:
+        text = b"".join(self.pending)
+        size = len(text)
+        line = text.decode("utf-8", "replace")
+        lines.append(line if line.endswith("\n") else line + "\n")
+        self.stored = self.seen
+        for ns in self.pending_stamps:
+            self._count(ns)
+        self.pending.clear()
+        self.pending_stamps.clear()
+        return size
+
+    def _count(self, ns: int) -> None:
+        ms = ns // _LOG_BUCKET_NS
+        self.per_ms[ms] = self.per_ms.get(ms, 0) + 1
+        if ns > self.newest:
+            self.newest = ns
+            if len(self.per_ms) > 4 * _LOG_OVERLAP_NS // _LOG_BUCKET_NS:
+                oldest = (ns - _LOG_OVERLAP_NS) // _LOG_BUCKET_NS
+                for old in [old for old in self.per_ms if old < oldest]:
+                    del self.per_ms[old]
+
+    def _split(self, frame: bytes) -> tuple[int, bytes]:
+        """`2024-05-01T12:00:00.123456789Z text` as (ns, text); each second is parsed once."""
+        stamp, _, text = frame.partition(b" ")
+        try:
+            if len(stamp) == 30 and stamp[19:20] == b"." and stamp[29:] == b"Z":
+                if stamp[:19] != self._second:
+                    self._second_ns = parse_ts_ns(stamp[:19].decode() + "Z")
+                    self._second = stamp[:19]
+                self._last_ns = self._second_ns + int(stamp[20:29])
+            else:
+                self._last_ns = parse_ts_ns(stamp.decode())
+        except ValueError:
+            return self._last_ns, frame  # not stamped (cannot happen with timestamps=True): kept whole
+        return self._last_ns, text
+
+    def close(self) -> None:
+        """Stop the daemon sending the rest of a log nobody reads."""
+        self.ended = True
+        try:
+            self._response.close()
+        except OSError:
+            pass
+
+
+def _frames(response: requests.Response) -> Iterator[bytes]:
+    """The payloads of Docker's multiplexed stream: an 8-byte header (stream, size) each."""
+    buf = bytearray()
+    while True:
+        try:
+            block = response.raw.read(1 << 16)
+        except (OSError, urllib3.exceptions.HTTPError):
+            return  # the container was removed meanwhile: what was read stands
+        if not block:
+            return
+        buf += block
+        pos = 0
+        while len(buf) - pos >= 8:
+            end = pos + 8 + int.from_bytes(buf[pos + 4 : pos + 8], "big")
+            if end > len(buf):
+                break
+            if end > pos + 8:
+                yield bytes(buf[pos + 8 : end])
+            pos = end
+        del buf[:pos]

@@ -143,7 +143,7 @@ def test_multi_stage_secret_build_with_target(docker_client, buildah, tmp_path):
     tag = f"aichor-test/secret-stages:{uuid.uuid4().hex[:12]}"
     lines: list[str] = []
     try:
-        DockerEngine().build(
+        DockerEngine({"network": "none"}).build(
             context_dir=str(tmp_path),
             dockerfile="Dockerfile",
             tag=tag,
@@ -163,7 +163,7 @@ def test_cancelled_before_build_raises_and_leaves_no_secret_file(docker_client, 
     (tmp_path / "Dockerfile").write_text(f"FROM {TEST_IMAGE}\nRUN {MOUNT} sleep 60\n")
     before = set(os.listdir(tempfile.gettempdir()))
     with pytest.raises(Cancelled):
-        DockerEngine().build(
+        DockerEngine({"network": "none"}).build(
             context_dir=str(tmp_path),
             dockerfile="Dockerfile",
             tag=f"aichor-test/secret-cancel:{uuid.uuid4().hex[:12]}",
@@ -188,7 +188,7 @@ def test_secret_build_uses_the_docker_engines_current_base_image(docker_client, 
             docker_client.images.build(
                 fileobj=io.BytesIO(f"FROM {TEST_IMAGE}\nRUN echo {version} > /version\n".encode()), tag=base, rm=True
             )
-            DockerEngine().build(
+            DockerEngine({"network": "none"}).build(
                 context_dir=str(tmp_path),
                 dockerfile="Dockerfile",
                 tag=tag,

@@ -8,6 +8,7 @@ from experiments import logs
 from experiments.models import Experiment, Status, StepName, StepStatus
 from experiments.services import cancel_experiment
 from tests.conftest import DOCKERFILE, TEST_IMAGE, containers_of, ended, github_push, manifest_yaml, push, wait_for
+from tests.experiments.test_portforward import server_redis  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
 
@@ -170,3 +171,71 @@ def test_skip_build_of_unknown_experiment_fails_clearly(
     assert experiment.status == Status.FAILED
     assert experiment.current_step == StepName.BUILDING
     assert "no image of experiment" in experiment.failure_reason
+
+
+def test_pytorch_workers_reach_each_other_on_localhost(
+    client, docker_project, git_repo, docker_client, celery_worker_thread
+):
+    # The processes of one experiment share one network namespace, as the containers of a pod:
+    # rank 1 reaches rank 0's listener at MASTER_ADDR (127.0.0.1) without any host network.
+    command = (
+        'if [ "$RANK" = 0 ]; then nc -l -p "$MASTER_PORT"; '
+        'else until echo "hello from rank $RANK" | nc "$MASTER_ADDR" "$MASTER_PORT"; do sleep 0.2; done; fi'
+    )
+    types = "    worker:\n      count: 2\n      resources:\n        cpus: 1\n        memory: 1\n"
+    experiment = ended(push(client, docker_project, git_repo, command, operator="pytorch", types=types))
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    assert "hello from rank 1" in logs.log_text(experiment.pk, "process:worker-0")
+    wait_for(lambda: containers_of(docker_client, experiment.pk) == [], timeout=30, message="containers removed")
+
+
+@pytest.mark.usefixtures("server_redis")
+def test_workload_and_build_cannot_reach_the_servers_redis(
+    client, docker_project, git_repo, docker_client, celery_worker_thread
+):
+    # Neither a Dockerfile's RUN nor the workload is on the server's network: Redis there
+    # (answering PING with +PONG) is out of their reach.
+    probe = "printf 'PING\\r\\n' | nc -w1 127.0.0.1 6379"
+    dockerfile = f"{DOCKERFILE}RUN ({probe} || echo unreachable) > /build-probe.txt 2>&1\n"
+    command = f"cat /build-probe.txt; {probe} || echo workload: unreachable"
+    experiment = ended(push(client, docker_project, git_repo, command, dockerfile=dockerfile))
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    output = logs.log_text(experiment.pk, "process:worker-0")
+    assert "+PONG" not in output
+    assert "workload: unreachable" in output
+
+
+def test_cancel_during_submitting_stops_creating_containers(
+    client, docker_project, git_repo, docker_client, member_user, celery_worker_thread
+):
+    requested = 60
+    types = f"    worker:\n      count: {requested}\n      resources:\n        cpus: 1\n        memory: 1\n"
+    experiment_id = push(client, docker_project, git_repo, "sleep 600", operator="pytorch", types=types)
+    wait_for(
+        lambda: Experiment.objects.filter(pk=experiment_id, current_step=StepName.SUBMITTING).exists(),
+        timeout=120,
+        message="Submitting",
+    )
+    cancel_experiment(Experiment.objects.get(pk=experiment_id), actor=member_user)
+    wait_for(lambda: containers_of(docker_client, experiment_id) == [], timeout=60, message="containers removed")
+    experiment = Experiment.objects.get(pk=experiment_id)
+    assert experiment.status == Status.CANCELLED
+    created = logs.log_text(experiment.pk, "step:Submitting").count("created container")
+    assert created < requested
+    # Nothing the submit made survives it (a late creation would show up here).
+    wait_for(
+        lambda: experiment.steps.get(name=StepName.SUBMITTING).status == StepStatus.CANCELLED,
+        message="Submitting cancelled",
+    )
+    assert containers_of(docker_client, experiment_id) == []
+
+
+def test_engine_network_that_does_not_exist_fails_with_its_name(
+    client, docker_project, docker_engine, git_repo, docker_client, celery_worker_thread
+):
+    docker_engine.config = {"network": "aichor-test-missing-network"}
+    docker_engine.save()
+    experiment = ended(push(client, docker_project, git_repo, "true"))
+    assert experiment.status == Status.FAILED
+    assert "the Docker network 'aichor-test-missing-network' does not exist" in experiment.failure_reason
+    assert containers_of(docker_client, experiment.pk) == []

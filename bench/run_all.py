@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["pipeline_overhead.py", "list_page.py", "upload.py", "datasets.py", "terminal_rtt.py"]
+ORDER = ["pipeline_overhead.py", "list_page.py", "upload.py", "datasets.py", "terminal_rtt.py", "logs.py"]
 
 
 def main() -> int:

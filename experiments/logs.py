@@ -11,6 +11,9 @@ from experiments.models import LogChunk
 
 FLUSH_BYTES = 64 * 1024
 FLUSH_SECONDS = 0.5
+# The largest chunk row (but a longer line stays whole: the viewer numbers lines per chunk, and
+# engines bound a line's length). A burst of megabytes becomes many rows, none of them huge.
+CHUNK_BYTES = 256 * 1024
 
 
 class LogWriter:
@@ -57,6 +60,18 @@ class LogWriter:
             return
         text = "".join(self._buffer)
         self._buffer, self._size = [], 0
+        start = 0
+        while start < len(text):
+            end = len(text)
+            if end - start > CHUNK_BYTES:
+                cut = text.rfind("\n", start, start + CHUNK_BYTES)
+                if cut < 0:
+                    cut = text.find("\n", start + CHUNK_BYTES)
+                end = cut + 1 if cut >= 0 else end
+            self._append(text[start:end])
+            start = end
+
+    def _append(self, text: str) -> None:
         count = text.count("\n") + (0 if text.endswith("\n") else 1)
         for _attempt in range(3):
             try:

@@ -2,25 +2,35 @@
 trying aichor on a laptop. Each process runs detached under a tiny shell wrapper that records
 its exit code in a file, so a restarted worker can still tell how it ended."""
 
+import codecs
 import fcntl
+import ipaddress
 import os
 import pty
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
+import sys
 import termios
 from pathlib import Path
 
 from django.conf import settings
 
-from experiments.engines.base import Engine, EngineError, ExecSession, ProcessState
+from experiments.engines.base import Cancelled, Engine, EngineError, ExecSession, ProcessState, never
 
 # Popen objects of processes this worker started, so finished children are reaped.
 _children: dict[int, subprocess.Popen] = {}
 
 WRAPPER = 'sh -c "$0" > "$1" 2>&1; code=$?; echo $code > "$2.tmp"; mv "$2.tmp" "$2"'
+
+# All a local process inherits from the server: enough to find programs and keep the user's
+# locale. Never more: the server's environment holds its secret key and database URL.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
+# The most output one logs() call reads: a workload printing gigabytes is stored in pieces.
+LOG_BUDGET_BYTES = 4 * 1024 * 1024
 
 
 class LocalEngine(Engine):
@@ -33,13 +43,17 @@ class LocalEngine(Engine):
     def image_exists(self, image: str) -> bool:
         return True
 
-    def submit(self, *, experiment_id, image, processes, mounts, workdir, log) -> dict:
+    def submit(self, *, experiment_id, image, processes, mounts, workdir, log, cancelled=never) -> dict:
         self.cleanup_experiment(experiment_id)
         root = self._root() / experiment_id
         root.mkdir(parents=True, exist_ok=True)
         pids = {}
         for proc in processes:
-            env = {**os.environ, **proc.env}
+            if cancelled():
+                self.cancel({"pids": pids})
+                shutil.rmtree(root, ignore_errors=True)
+                raise Cancelled()
+            env = {**clean_environment(), **proc.env}
             # Mounts become environment paths on the host itself: nothing to bind.
             child = subprocess.Popen(
                 ["sh", "-c", WRAPPER, proc.command, str(root / f"{proc.name}.log"), str(root / f"{proc.name}.exit")],
@@ -85,25 +99,51 @@ class LocalEngine(Engine):
             return [], cursor
         with path.open("rb") as fh:
             fh.seek(cursor or 0)
-            data = fh.read()
+            data = fh.read(LOG_BUDGET_BYTES)
         # Keep a partial last line for the next call.
-        complete = data[: data.rfind(b"\n") + 1]
-        if not complete:
-            return [], cursor
-        text = complete.decode("utf-8", "replace")
-        return text.splitlines(keepends=True), (cursor or 0) + len(complete)
+        end = data.rfind(b"\n") + 1
+        if not end:
+            if len(data) < LOG_BUDGET_BYTES:
+                return [], cursor
+            # A single line longer than the budget is stored in pieces, cut between characters.
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            text = decoder.decode(data)
+            return [text + "\n"], (cursor or 0) + len(data) - len(decoder.getstate()[0])
+        return data[:end].decode("utf-8", "replace").splitlines(keepends=True), (cursor or 0) + end
 
     def final_logs(self, handle: dict, process: str, cursor: int | None) -> list[str]:
+        """Like logs(), plus the unfinished last line of an exited process when the log ends there."""
         lines, cursor = self.logs(handle, process, cursor)
         path = Path(handle["dir"]) / f"{process}.log"
-        rest = path.read_bytes()[cursor or 0 :] if path.exists() else b""
-        return lines + ([rest.decode("utf-8", "replace") + "\n"] if rest else [])
+        if not path.exists():
+            return lines
+        with path.open("rb") as fh:
+            fh.seek(cursor or 0)
+            rest = fh.read(LOG_BUDGET_BYTES)
+        if rest and b"\n" not in rest and len(rest) < LOG_BUDGET_BYTES:
+            lines.append(rest.decode("utf-8", "replace") + "\n")
+        return lines
 
     def exec(self, handle: dict, process: str, *, command: list[str], tty: bool = True) -> ExecSession:
         pid = handle.get("pids", {}).get(process)
         if not pid or not _alive(pid):
             raise EngineError(f"process {process} is not running")
-        return LocalPtySession(command, cwd=handle["dir"])
+        return LocalPtySession(command, cwd=handle["dir"], env=_environment_of(pid))
+
+    def port_forward(self, handle: dict, process: str, port: int) -> ExecSession:
+        """Local processes share the server's own network, so the server's loopback is theirs:
+        only a port that one of the experiment's own processes listens on is forwarded, never
+        the server's Redis or PostgreSQL."""
+        if process not in handle.get("pids", {}):
+            raise EngineError(f"no process named {process}")
+        address = _listening_address(port, _process_tree(handle.get("pids", {}).values()))
+        if address is None:
+            raise EngineError(f"no process of this experiment listens on port {port}")
+        try:
+            sock = socket.create_connection((address, port), timeout=10)
+        except OSError as exc:
+            raise EngineError(f"nothing answers on port {port} in {process}: {exc.strerror or exc}") from None
+        return LocalSocketSession(sock)
 
     def cancel(self, handle: dict) -> None:
         for pid in handle.get("pids", {}).values():
@@ -133,13 +173,144 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _process_tree(roots) -> set[int]:
+    """The experiment's processes: its wrappers' descendants and the members of their sessions
+    (each wrapper leads one), so a daemonised child is still the experiment's."""
+    roots = {int(pid) for pid in roots if pid and int(pid) > 1}
+    parents: dict[int, int] = {}
+    sessions: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        parents[int(entry.name)], sessions[int(entry.name)] = int(fields[1]), int(fields[3])
+    tree = {pid for pid in parents if pid in roots or sessions[pid] in roots}
+    grew = True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in tree and pid not in tree}
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
+def _socket_inodes(pids: set[int]) -> set[str]:
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    return inodes
+
+
+def _listening_address(port: int, pids: set[int]) -> str | None:
+    """Where to connect to reach `port` when one of `pids` holds the listening socket: its own
+    address (the wildcard as loopback), or None."""
+    inodes = _socket_inodes(pids)
+    for table, wildcard, loopback in (("tcp", "0.0.0.0", "127.0.0.1"), ("tcp6", "::", "::1")):
+        try:
+            with open(f"/proc/net/{table}") as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            hex_address, _, hex_port = local.partition(":")
+            if state != "0A" or int(hex_port, 16) != port or inode not in inodes:  # 0A: LISTEN
+                continue
+            address = _address(hex_address)
+            return loopback if address == wildcard else address
+    return None
+
+
+def _address(hex_address: str) -> str:
+    # /proc/net/tcp{,6} print addresses as native-endian 32-bit words.
+    raw = bytes.fromhex(hex_address)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)) if sys.byteorder == "little" else raw
+    return str(ipaddress.ip_address(words))
+
+
+class LocalSocketSession(ExecSession):
+    """A TCP connection the server opened itself (the port was checked to be the experiment's)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            select.select([], [self.sock], [], 30)
+            try:
+                view = view[self.sock.send(view) :]
+            except BlockingIOError:
+                continue
+
+    def write_nowait(self, data: bytes) -> int:
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+
+    def read(self, timeout: float | None = None) -> bytes | None:
+        try:
+            if timeout != 0 and not select.select([self.sock], [], [], timeout)[0]:
+                return b""
+            return self.sock.recv(65536) or None
+        except BlockingIOError:
+            return b""
+        except (OSError, ValueError):
+            return None
+
+    def fileno(self) -> int | None:
+        return self.sock.fileno()
+
+    def resize(self, rows: int, cols: int) -> None:
+        pass  # no TTY
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def clean_environment() -> dict[str, str]:
+    env = {name: os.environ[name] for name in INHERITED_ENV if os.environ.get(name)}
+    env.setdefault("PATH", os.defpath)
+    return env
+
+
+def _environment_of(pid: int) -> dict[str, str]:
+    """A terminal in a process sees that process's environment, not the server's."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            pairs = [item.partition(b"=") for item in fh.read().split(b"\0") if item]
+    except OSError:
+        return clean_environment()
+    return {key.decode(errors="replace"): value.decode(errors="replace") for key, _, value in pairs}
+
+
 class LocalPtySession(ExecSession):
-    def __init__(self, command: list[str], cwd: str) -> None:
+    def __init__(self, command: list[str], cwd: str, env: dict[str, str]) -> None:
+        env = {**env, "TERM": "xterm-256color"}
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: become the shell
             os.chdir(cwd)
-            os.environ["TERM"] = "xterm-256color"
-            os.execvp(command[0], command)
+            os.execvpe(command[0], command, env)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -169,3 +169,79 @@ def test_reconcile_moves_on_an_experiment_whose_message_was_lost(project, git_re
     )
     assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
     assert logs.log_text(experiment.pk, "process:worker-0") == "recovered\n"
+
+
+# --- issue 10: the local engine keeps the server's environment to itself -------------------
+SERVER_SECRETS = {
+    "AICHOR_SECRET_KEY": "canary-secret-key-9f2e",
+    "DATABASE_URL": "postgres://aichor:canary-db-password@db.internal:5432/aichor",
+    "REDIS_URL": "redis://:canary-redis-password@redis.internal:6379/0",
+    "AWS_SECRET_ACCESS_KEY": "canary-aws-secret",
+}
+
+
+def test_local_workload_sees_its_variables_and_none_of_the_servers(
+    client, project, git_repo, celery_worker_thread, monkeypatch
+):
+    for name, value in SERVER_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    experiment = push_and_wait(client, project, git_repo, "env | sort")
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    output = logs.log_text(experiment.pk, "process:worker-0")
+    assert f"AICHOR_EXPERIMENT_ID={experiment.pk}\n" in output
+    assert "\nPATH=" in output
+    for name, value in SERVER_SECRETS.items():
+        assert value not in output, f"the server's {name} reached the workload"
+    assert "AICHOR_SECRET_KEY=" not in output and "DATABASE_URL=" not in output
+
+
+def test_terminal_in_a_local_process_gets_the_process_environment_not_the_servers(project, monkeypatch, tmp_path):
+    from experiments.engines.base import ProcessSpec
+    from experiments.engines.local import LocalEngine
+
+    for name, value in SERVER_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    engine = LocalEngine({"root": str(tmp_path)})
+    handle = engine.submit(
+        experiment_id="terminal-env",
+        image="",
+        processes=[ProcessSpec("worker-0", "sleep 60", {"AICHOR_EXPERIMENT_ID": "terminal-env"})],
+        mounts=[],
+        workdir=None,
+        log=lambda text: None,
+    )
+    try:
+        session = engine.exec(handle, "worker-0", command=["sh", "-c", "env; echo END-OF-ENV"])
+        output = b""
+        while b"END-OF-ENV\r\n" not in output:
+            chunk = session.read(timeout=10)
+            assert chunk, f"the shell ended early: {output!r}"
+            output += chunk
+        session.close()
+    finally:
+        engine.cancel(handle)
+        engine.cleanup(handle)
+    text = output.decode()
+    assert "AICHOR_EXPERIMENT_ID=terminal-env" in text
+    for name, value in SERVER_SECRETS.items():
+        assert value not in text, f"the server's {name} reached the terminal"
+
+
+def test_local_experiment_fails_with_the_reason_when_the_local_engine_is_off(
+    client, project, git_repo, celery_worker_thread, settings
+):
+    settings.LOCAL_ENGINE = False
+    experiment = push_and_wait(client, project, git_repo, "echo should never run")
+    assert experiment.status == Status.FAILED
+    assert "the local engine is disabled: set AICHOR_LOCAL_ENGINE=true" in experiment.failure_reason
+    assert experiment.current_step == StepName.BUILDING
+    assert not logs.log_text(experiment.pk, "process:worker-0")
+
+
+def test_unfinished_last_line_is_stored_once(client, project, git_repo, celery_worker_thread):
+    experiment = push_and_wait(client, project, git_repo, "echo first; printf 'no newline at the end'")
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    from experiments.pipeline import stop
+
+    stop(experiment.pk)  # a second stop task (a retried message) must not store it again
+    assert logs.log_text(experiment.pk, "process:worker-0") == "first\nno newline at the end\n"

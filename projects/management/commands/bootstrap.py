@@ -90,16 +90,32 @@ class Command(BaseCommand):
         if not users.objects.filter(is_superuser=True).exists():
             password = secrets.token_urlsafe(12)
             users.objects.create_superuser(ADMIN, ADMIN, password)
-        local, _ = Engine.objects.get_or_create(name="local", defaults={"kind": Engine.Kind.LOCAL})
-        engines = [local]
+        engines = []
+        if settings.LOCAL_ENGINE:
+            local, _ = Engine.objects.get_or_create(name="local", defaults={"kind": Engine.Kind.LOCAL})
+            engines.append(local)
         if _docker_available():
-            docker, _ = Engine.objects.get_or_create(name="docker", defaults={"kind": Engine.Kind.DOCKER})
+            docker, _ = Engine.objects.get_or_create(
+                name="docker", defaults={"kind": Engine.Kind.DOCKER, "config": {"network": _docker_network()}}
+            )
+            if "network" not in docker.config:
+                # Made by an earlier start: its default (`bridge`) may not exist on this host.
+                docker.config = {**docker.config, "network": _docker_network()}
+                docker.save(update_fields=["config"])
             engines.append(docker)
-        if not Project.objects.filter(slug="demo").exists():
+        if not engines:
+            self.stdout.write("No engine: start a Docker Engine (or set AICHOR_LOCAL_ENGINE=true on a laptop).")
+        elif not settings.ALLOW_LOCAL_REPOS:
+            # The demo's repository is a folder on this server, which only that setting allows.
+            self.stdout.write("No demo project: its Git repository is local (AICHOR_ALLOW_LOCAL_REPOS=true).")
+        elif not Project.objects.filter(slug="demo").exists():
             admin = users.objects.filter(is_superuser=True).first()
             url, sha = make_demo_repo(Path(settings.DATA_DIR))
+            # Docker whenever it answers: its containers are isolated from the server, local
+            # processes are not.
+            default = next((e for e in engines if e.kind == Engine.Kind.DOCKER), engines[0])
             project = create_project(
-                name="Demo", slug="demo", repo_clone_url=url, engines=engines, default_engine=local, admins=[admin]
+                name="Demo", slug="demo", repo_clone_url=url, engines=engines, default_engine=default, admins=[admin]
             )
             create_experiment(
                 project=project,
@@ -116,6 +132,19 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"Log in as {ADMIN} (`python manage.py changepassword {ADMIN}` if you lost the password)\n"
             )
+
+
+def _docker_network() -> str:
+    """Docker's own `bridge` where the host has it; a dockerd started with --bridge=none has
+    only `none` (isolated namespaces), never the host's network."""
+    try:
+        import docker
+
+        # The name filter matches substrings ("my-bridge-net"): compare exactly.
+        names = {n.name for n in docker.from_env(timeout=3).networks.list(names=["bridge"])}
+        return "bridge" if "bridge" in names else "none"
+    except Exception:  # answered a ping a moment ago; a hiccup now gets the safe choice
+        return "none"
 
 
 def _docker_available() -> bool:

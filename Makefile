@@ -28,6 +28,8 @@ setup: $(VENV)/.installed $(if $(NPM),node_modules/.installed)
 	@$(if $(NPM),,echo "npm not found: the in-browser terminal needs it (apt-get install npm)")
 
 run: export AICHOR_PUBLIC_URL ?= http://$(HOST):$(PORT)
+run: export AICHOR_LOCAL_ENGINE ?= true
+run: export AICHOR_ALLOW_LOCAL_REPOS ?= true
 run: setup
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0

@@ -1,6 +1,7 @@
 """One settings module. Embedded defaults (SQLite, filesystem broker and storage, in-memory
 channel layer) need no server; production values come from environment variables alone."""
 
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -47,6 +48,7 @@ INSTALLED_APPS = [
     "projects",
     "experiments",
     "datasets",
+    "axes",  # login throttling (projects/login.py)
 ]
 
 MIDDLEWARE = [
@@ -60,6 +62,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Turns a locked-out login into the login page with the reason (projects/login.py).
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "aichor.urls"
@@ -103,6 +107,14 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
 LOGIN_URL = "login"
+AUTHENTICATION_BACKENDS = ["projects.login.LoginThrottle", "django.contrib.auth.backends.ModelBackend"]
+# Wrong passwords for one username from one address before a lockout, and how long it lasts.
+AXES_FAILURE_LIMIT = env_int("AICHOR_LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = timedelta(minutes=env_float("AICHOR_LOGIN_LOCKOUT_MINUTES", 15.0))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "projects.login.locked_out"
+AXES_VERBOSE = False
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
 
@@ -163,11 +175,18 @@ CELERY_BEAT_SCHEDULE = {
         "task": "experiments.reconcile",
         "schedule": env_float("AICHOR_RECONCILE_SECONDS", 30.0),
     },
+    "sweep-archives": {
+        "task": "experiments.sweep_archives",
+        "schedule": 600.0,
+    },
 }
 
 # --- Pipeline ----------------------------------------------------------------------------
 WORK_DIR = Path(env_str("AICHOR_WORK_DIR", str(DATA_DIR / "work")))
 LOCAL_ENGINE_DIR = Path(env_str("AICHOR_LOCAL_ENGINE_DIR", str(DATA_DIR / "local-engine")))
+# The `local` engine runs workloads as the server's own user on its own host: a laptop's
+# zero-dependency default (`make run` turns it on), never a shared server's.
+LOCAL_ENGINE = env_bool("AICHOR_LOCAL_ENGINE", False)
 # How long one watch task follows a workload before handing over to a fresh task, so a
 # long experiment never pins a worker slot and a lost task is noticed by reconcile.
 WATCH_SLICE_SECONDS = env_float("AICHOR_WATCH_SLICE_SECONDS", 30.0)
@@ -175,8 +194,22 @@ WATCH_POLL_SECONDS = env_float("AICHOR_WATCH_POLL_SECONDS", 0.5)
 # An active experiment whose task has not reported for this long is examined by reconcile.
 RECONCILE_STALE_SECONDS = env_float("AICHOR_RECONCILE_STALE_SECONDS", 120.0)
 CLONE_TIMEOUT_SECONDS = env_int("AICHOR_CLONE_TIMEOUT_SECONDS", 900)
+# file:// and plain paths as clone URLs read the server's own disk: only for the embedded
+# default (`make run` turns it on for its demo repository), never in production.
+ALLOW_LOCAL_REPOS = env_bool("AICHOR_ALLOW_LOCAL_REPOS", False)
 BUILD_TIMEOUT_SECONDS = env_int("AICHOR_BUILD_TIMEOUT_SECONDS", 3600)
 MAX_ARCHIVE_BYTES = env_int("AICHOR_MAX_ARCHIVE_BYTES", 5 * 1024**3)
+# What one archive may unpack to (checked member by member while unpacking: a gzip bomb stops
+# at the limit) and how many entries it may hold.
+MAX_UNPACKED_BYTES = env_int("AICHOR_MAX_UNPACKED_BYTES", 20 * 1024**3)
+MAX_ARCHIVE_FILES = env_int("AICHOR_MAX_ARCHIVE_FILES", 200_000)
+# Uploaded archives that no experiment references (an upload cut by a server restart) are
+# removed once older than this.
+ORPHAN_ARCHIVE_SECONDS = env_float("AICHOR_ORPHAN_ARCHIVE_SECONDS", 3600.0)
+# Request bodies, refused with 413 from the headers before any byte is read (aichor/limits.py):
+# forms and JSON, and webhook deliveries (GitHub's own cap on a payload is 25 MB).
+MAX_REQUEST_BYTES = env_int("AICHOR_MAX_REQUEST_BYTES", 2 * 1024**2)
+MAX_WEBHOOK_BYTES = env_int("AICHOR_MAX_WEBHOOK_BYTES", 25 * 1024**2)
 DOCKER_HOST = env_str("DOCKER_HOST")
 
 # --- Terminal ----------------------------------------------------------------------------
@@ -224,5 +257,6 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("AICHOR_LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    # axes: failures and lockouts (WARNING) without its per-attempt housekeeping lines.
+    "loggers": {"django.db.backends": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
 }

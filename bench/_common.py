@@ -28,6 +28,8 @@ def setup_django(db_name: str) -> dict:
         "AICHOR_SECRET_KEY": "bench-secret-key-not-for-production",
         "AICHOR_WATCH_POLL_SECONDS": "0.05",
         "AICHOR_LOG_LEVEL": "WARNING",
+        # The benchmark repositories are file:// URLs.
+        "AICHOR_ALLOW_LOCAL_REPOS": "true",
         "PYTHONUNBUFFERED": "1",
     }
     os.environ.update(env)

@@ -15,6 +15,7 @@ from ninja.errors import HttpError
 from ninja.responses import Status as Reply
 from pydantic import field_validator
 
+from aichor.lib.git import GitInputError, check_branch
 from experiments import services
 from experiments.logs import read_log, streams
 from experiments.logview import follow_ended
@@ -46,6 +47,7 @@ class ExperimentOut(Schema):
     current_step: str
     exit_code: int | None
     failure_reason: str
+    waiting_reason: str = Field(..., description="why it is still Waiting (an engine limit); empty otherwise")
     resubmitted_from: uuid.UUID | None = Field(None, alias="resubmitted_from_id")
     created_at: datetime
     started_at: datetime | None
@@ -87,14 +89,25 @@ def check_manifest_path(path: str) -> str:
     return path
 
 
+def check_git_branch(name: str) -> str:
+    # Same rules as the webhooks and the pipeline: a branch reaches `git fetch`.
+    try:
+        return check_branch(name)
+    except GitInputError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class CommitIn(Schema):
-    sha: str = Field(..., pattern=r"^[0-9a-fA-F]{7,64}$")
-    branch: str = Field(..., min_length=1, max_length=255, pattern=r"^[^\x00-\x20~^:?*\[\\]+$")
+    sha: str = Field(..., pattern=r"^[0-9a-fA-F]{7,64}$", description="7 to 64 hexadecimal characters")
+    branch: str = Field(
+        ..., min_length=1, max_length=255, description="a branch name (`git check-ref-format --branch`)"
+    )
     manifest_path: str = Field(DEFAULT_MANIFEST, max_length=500)
     message: str = Field("", max_length=10000)
     engine: str | None = Field(None, max_length=64, description="engine name; the project default when empty")
 
     _manifest = field_validator("manifest_path")(check_manifest_path)
+    _branch = field_validator("branch")(check_git_branch)
 
 
 class ArchiveParams(Schema):
@@ -161,10 +174,18 @@ def list_experiments(request: HttpRequest, slug: str, filters: Query[ListFilters
     return {"items": page, "next": _encode_cursor(page[-1]) if more else None}
 
 
+def _created(experiment: Experiment) -> Reply:
+    """201, or 202 when the broker refused the task: the experiment is committed and waits in
+    Created for reconcile, which starts it later."""
+    return Reply(202 if services.queue_refused(experiment.pk) else 201, experiment)
+
+
 @router.post(
     "/projects/{slug}/experiments",
-    response={201: ExperimentOut, 409: Error},
+    response={201: ExperimentOut, 202: ExperimentOut, 409: Error},
     summary="Run a pushed commit",
+    description="202 instead of 201 when the task queue is unreachable: the experiment is kept and "
+    "started later by the periodic reconcile.",
 )
 def submit_commit(request: HttpRequest, slug: str, payload: CommitIn):
     project = get_project(request.auth, slug)
@@ -178,7 +199,7 @@ def submit_commit(request: HttpRequest, slug: str, payload: CommitIn):
         author=request.auth,
         manifest_path=payload.manifest_path,
     )
-    return Reply(201, experiment)
+    return _created(experiment)
 
 
 @router.post(
@@ -219,12 +240,13 @@ def cancel(request: HttpRequest, experiment_id: str):
 
 @router.post(
     "/experiments/{experiment_id}/resubmit",
-    response={201: ExperimentOut, 409: Error},
+    response={201: ExperimentOut, 202: ExperimentOut, 409: Error},
     summary="Run the same code and manifest again as a new experiment",
+    description="202 instead of 201 when the task queue is unreachable (started later by reconcile).",
 )
 def resubmit(request: HttpRequest, experiment_id: str):
     experiment = get_experiment(request.auth, experiment_id)
-    return Reply(201, services.resubmit_experiment(experiment, actor=request.auth))
+    return _created(services.resubmit_experiment(experiment, actor=request.auth))
 
 
 @router.get("/experiments/{experiment_id}/steps", response=list[StepOut], summary="An experiment's steps, in order")

@@ -2,6 +2,7 @@
 conditional update: a cancelled experiment goes no further), does its slow I/O outside any
 transaction, keeps its log, and enqueues the next step."""
 
+import itertools
 import logging
 import os
 import re
@@ -18,10 +19,12 @@ from django.conf import settings
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
+from aichor.lib.git import GitInputError, check_branch, check_clone_url, check_sha, redact_credentials
 from experiments import services
 from experiments.engines import get_engine
 from experiments.engines.base import Cancelled, EngineError, Mount
-from experiments.logs import LogWriter
+from experiments.limits import check_processes, check_started
+from experiments.logs import FLUSH_BYTES, LogWriter
 from experiments.manifest import ManifestError, parse_manifest
 from experiments.models import Experiment, StepName, StepStatus
 from experiments.processes import DISTRIBUTION_VARS, plan_processes, ports_needed
@@ -80,10 +83,23 @@ def _inside(root: Path, relative: str, what: str) -> Path:
 
 
 # --- Cloning -------------------------------------------------------------------------------
+def _git_safety() -> list[str]:
+    """Config for every git call. `-c` settings reach child gits too (submodules), so a
+    .gitmodules URL cannot use ext:: (runs a command), nor file:// unless local repositories
+    are allowed (it would read the server's disk)."""
+    args = ["-c", "protocol.ext.allow=never"]
+    if not settings.ALLOW_LOCAL_REPOS:
+        args += ["-c", "protocol.file.allow=never"]
+    return args
+
+
 def _git(args: list[str], cwd: Path, writer: LogWriter, cancelled: Liveness, timeout: float) -> None:
-    writer.line("$ git " + " ".join(args))
+    """Callers put every value that came from outside after `--end-of-options` or `--`."""
+    writer.line(redact_credentials("$ git " + " ".join(args)))
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
-    proc = subprocess.Popen(["git", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["git", *_git_safety(), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -100,15 +116,31 @@ def _git(args: list[str], cwd: Path, writer: LogWriter, cancelled: Liveness, tim
                 proc.kill()
                 raise StepFailed(f"git {args[0]} took longer than {int(timeout)} s") from None
     finally:
-        out = proc.stdout.read().decode("utf-8", "replace") if proc.stdout else ""
+        out = redact_credentials(proc.stdout.read().decode("utf-8", "replace") if proc.stdout else "")
         writer.write(out)
     if proc.returncode != 0:
         raise StepFailed(f"git {args[0]} failed: {out.strip().splitlines()[-1] if out.strip() else proc.returncode}")
 
 
-def fetch_git(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: Liveness, depth: int = 1) -> None:
+def check_git_inputs(experiment: Experiment) -> None:
+    """Rows written before these rules existed (or by a path that skipped them) may hold a
+    hostile URL, sha or branch: refuse before git sees any of them."""
     if not experiment.clone_url:
         raise StepFailed("the project has no Git clone URL")
+    checks = [("clone URL", lambda: check_clone_url(experiment.clone_url, allow_local=settings.ALLOW_LOCAL_REPOS))]
+    if experiment.commit_sha:
+        checks.append(("commit sha", lambda: check_sha(experiment.commit_sha)))
+    if experiment.branch:
+        checks.append(("branch", lambda: check_branch(experiment.branch)))
+    for what, check in checks:
+        try:
+            check()
+        except GitInputError as exc:
+            raise StepFailed(f"refusing to fetch the code: invalid {what}: {exc}") from None
+
+
+def fetch_git(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: Liveness, depth: int = 1) -> None:
+    check_git_inputs(experiment)
     timeout = settings.CLONE_TIMEOUT_SECONDS
     dest.mkdir(parents=True, exist_ok=True)
     _git(["init", "-q"], dest, writer, cancelled, timeout)
@@ -116,7 +148,7 @@ def fetch_git(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: 
     # Fetching straight from the URL (no remote to configure) saves a git call per experiment.
     try:
         _git(
-            ["fetch", "-q", "--no-tags", f"--depth={depth}", experiment.clone_url, ref],
+            ["fetch", "-q", "--no-tags", f"--depth={depth}", "--end-of-options", experiment.clone_url, ref],
             dest,
             writer,
             cancelled,
@@ -128,14 +160,16 @@ def fetch_git(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: 
         # Some servers refuse fetching a bare sha: take the branch's history and look there.
         writer.line("fetching the commit directly was refused; fetching the branch history instead")
         _git(
-            ["fetch", "-q", "--no-tags", experiment.clone_url, experiment.branch or "HEAD"],
+            ["fetch", "-q", "--no-tags", "--end-of-options", experiment.clone_url, experiment.branch or "HEAD"],
             dest,
             writer,
             cancelled,
             timeout,
         )
     _git(
-        ["-c", "advice.detachedHead=false", "checkout", "-q", experiment.commit_sha or "FETCH_HEAD"],
+        # The revision is a checked hex sha or FETCH_HEAD, never an option; `--` ends the
+        # revisions (checkout mishandles --end-of-options in git 2.39).
+        ["-c", "advice.detachedHead=false", "checkout", "-q", experiment.commit_sha or "FETCH_HEAD", "--"],
         dest,
         writer,
         cancelled,
@@ -149,10 +183,26 @@ def fetch_git(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: 
 
 def unpack_archive(experiment: Experiment, dest: Path, writer: LogWriter) -> None:
     dest.mkdir(parents=True, exist_ok=True)
+    max_bytes, max_files = settings.MAX_UNPACKED_BYTES, settings.MAX_ARCHIVE_FILES
+
+    def within_limits(tar: tarfile.TarFile):
+        # A few MB of gzip can hold terabytes of zeros: every header is checked before its data
+        # is written, so a bomb stops at the limit instead of filling the worker's disk.
+        files = unpacked = 0
+        for member in tar:
+            files += 1
+            if files > max_files:
+                raise StepFailed(f"the archive holds more than {max_files} files (AICHOR_MAX_ARCHIVE_FILES)")
+            if member.isreg():
+                unpacked += member.size
+                if unpacked > max_bytes:
+                    raise StepFailed(f"the archive unpacks to more than {max_bytes} bytes (AICHOR_MAX_UNPACKED_BYTES)")
+            yield member
+
     try:
         with default_storage.open(experiment.archive, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
             # The "data" filter refuses absolute paths, "..", links out of the tree and devices.
-            tar.extractall(dest, filter="data")
+            tar.extractall(dest, members=within_limits(tar), filter="data")
     except FileNotFoundError:
         raise StepFailed(f"the uploaded archive {experiment.archive} is gone") from None
     except (tarfile.TarError, OSError) as exc:
@@ -174,19 +224,26 @@ def fetch_code(experiment: Experiment, dest: Path, writer: LogWriter, cancelled:
     text = manifest_file.read_text(errors="replace")
     pvcs = set(experiment.project.pvcs.values_list("name", flat=True))
     manifest = parse_manifest(text, known_pvcs=pvcs)
+    # Counted from the manifest's numbers, before anything plans one process per replica: a
+    # jobset of 1000 × 1000 must fail here, cheaply, never reach plan_processes.
+    too_many = check_processes(manifest, experiment.engine)
+    if too_many:
+        services.set_fields(experiment.pk, manifest_text=text)
+        raise ManifestError([too_many])
     services.set_fields(experiment.pk, manifest=manifest, manifest_text=text)
     clone = manifest["clone"]
     if experiment.source == Experiment.Source.GIT:
         timeout = settings.CLONE_TIMEOUT_SECONDS
         if clone["includeDotGit"]:
             # The workload sees an ordinary clone; relative submodule URLs resolve against it.
-            _git(["remote", "add", "origin", experiment.clone_url], dest, writer, cancelled, timeout)
+            _git(["remote", "add", "--", "origin", experiment.clone_url], dest, writer, cancelled, timeout)
         if clone["depth"] > 1:
             args = [
                 "fetch",
                 "-q",
                 "--no-tags",
                 f"--depth={clone['depth']}",
+                "--end-of-options",
                 experiment.clone_url,
                 experiment.commit_sha,
             ]
@@ -215,10 +272,12 @@ def run_clone(experiment_id) -> None:
             writer.line(f"manifest {experiment.manifest_path} is invalid:")
             for error in exc.errors:
                 writer.line(f"  {error}")
+            writer.flush()  # the reason is in the log before anyone sees Failed
             services.fail_experiment(experiment.pk, "Invalid manifest: " + "; ".join(exc.errors))
             return
         except StepFailed as exc:
             writer.line(str(exc))
+            writer.flush()  # the reason is in the log before anyone sees Failed
             services.fail_experiment(experiment.pk, str(exc))
             return
         writer.line(f"manifest {experiment.manifest_path} is valid")
@@ -251,6 +310,7 @@ def run_build(experiment_id) -> None:
             return
         except (StepFailed, EngineError, ManifestError) as exc:
             writer.line(str(exc))
+            writer.flush()  # the reason is in the log before anyone sees Failed
             services.fail_experiment(experiment.pk, f"Build failed: {str(exc).strip().splitlines()[-1]}")
             return
     if not services.set_fields(experiment.pk, image=image):
@@ -320,7 +380,13 @@ def free_ports(count: int) -> list[int]:
 def bucket_dirs(experiment: Experiment) -> tuple[Path, Path]:
     root = Path(settings.BUCKETS_ROOT)
     inputs, outputs = root / experiment.project.inputs_bucket, root / experiment.project.outputs_bucket
-    (outputs / experiment.output_prefix).mkdir(parents=True, exist_ok=True)
+    from datasets.services import InvalidKey, StorageError, create_folder
+
+    try:
+        # Not mkdir -p: an earlier workload may have left `output` as a link to anywhere on the host.
+        create_folder(experiment.project.outputs_bucket, "output/", str(experiment.pk))
+    except (InvalidKey, StorageError) as exc:
+        raise EngineError(f"cannot create {experiment.output_prefix} in the outputs bucket: {exc}") from None
     inputs.mkdir(parents=True, exist_ok=True)
     return inputs, outputs
 
@@ -377,10 +443,13 @@ def run_submit(experiment_id) -> None:
     experiment = _enter(experiment_id, StepName.SUBMITTING)
     if experiment is None:
         return
-    engine = get_engine(experiment.engine)
     manifest = experiment.manifest
     with LogWriter(experiment.pk, f"step:{StepName.SUBMITTING}") as writer:
         try:
+            engine = get_engine(experiment.engine)
+            too_many = None if engine.holds_back_completions else check_started(manifest, experiment.engine)
+            if too_many:
+                raise EngineError(too_many)
             env, mounts = workload_env(experiment, in_container=engine.needs_image, writer=writer)
             processes = plan_processes(manifest, env, host="127.0.0.1", ports=free_ports(ports_needed(manifest)))
             for warning in engine.warnings_for(processes):
@@ -393,9 +462,15 @@ def run_submit(experiment_id) -> None:
                 mounts=mounts,
                 workdir=str(workdir_of(experiment.pk)),
                 log=writer.write,
+                # Asked between two container creations: Cancel stops a 1000-process submit.
+                cancelled=Liveness(experiment.pk),
             )
+        except Cancelled:
+            writer.line("cancelled")
+            return  # the engine removed what it created; the stop task sweeps again
         except EngineError as exc:
             writer.line(str(exc))
+            writer.flush()  # the reason is in the log before anyone sees Failed
             services.fail_experiment(experiment.pk, f"Submitting failed: {exc}")
             return
     handle["decisive"] = [p.name for p in processes if p.decisive]
@@ -413,20 +488,47 @@ def run_submit(experiment_id) -> None:
 
 
 # --- Running and Completed -----------------------------------------------------------------
+# At most this many engine reads per process in one poll of a watch: a workload printing
+# faster than that is caught up with at the end, never at the cost of noticing its exit.
+LOG_PIECES_PER_POLL = 8
+
+
 def _collect_logs(engine, experiment_id, handle: dict, final: bool = False) -> bool:
-    """Append new output of every process to its stored log; True when anything was new."""
+    """Append new output of every process to its stored log; True when anything was new.
+
+    Engines return a bounded piece per call (a workload printing gigabytes must not take the
+    worker's memory with it), so a burst is read in several calls: while pieces come big during
+    a watch (a few per poll, so status and cancel stay prompt), and until nothing is left once
+    the process has exited; then final_logs adds an unfinished last line. A process whose final
+    logs were taken is never read again (the stop task and a debug hold's release come later)."""
     cursors = handle.setdefault("cursors", {})
+    collected = handle.setdefault("logs_collected", [])
     grew = False
     for name in handle_processes(handle):
-        cursor = cursors.get(name)
-        if final:
-            lines = engine.final_logs(handle, name, cursor)
-        else:
-            lines, cursors[name] = engine.logs(handle, name, cursor)
-        if lines:
-            grew = True
-            with LogWriter(experiment_id, f"process:{name}") as writer:
-                writer.write("".join(lines))
+        if name in collected:
+            continue
+        writer = None  # opened on the first new output: a quiet poll costs no query
+        try:
+            for _piece in itertools.count() if final else range(LOG_PIECES_PER_POLL):
+                lines, cursors[name] = engine.logs(handle, name, cursors.get(name))
+                text = "".join(lines)
+                del lines
+                if not text:
+                    break
+                writer = writer or LogWriter(experiment_id, f"process:{name}")
+                writer.write(text)
+                if not final and len(text) < FLUSH_BYTES:
+                    break
+            if final:
+                rest = "".join(engine.final_logs(handle, name, cursors.get(name)))
+                if rest:
+                    writer = writer or LogWriter(experiment_id, f"process:{name}")
+                    writer.write(rest)
+                collected.append(name)
+        finally:
+            if writer:
+                writer.close()
+                grew = True
     return grew
 
 
@@ -463,6 +565,7 @@ def run_watch(experiment_id) -> None:
         if experiment.deadline_at and timezone.now() >= experiment.deadline_at:
             engine.cancel(handle)
             _collect_logs(engine, experiment.pk, handle, final=True)
+            services.set_fields(experiment.pk, handle=handle)  # the stop task must not read them again
             timeout = experiment.manifest["spec"]["timeout"]
             services.step_log(experiment.pk, StepName.RUNNING, f"timeout of {timeout} s reached: workload stopped")
             services.fail_experiment(experiment.pk, f"Timed out: spec.timeout of {timeout} s reached")
@@ -554,11 +657,19 @@ def reconcile(stale_seconds: float | None = None) -> list[str]:
     worker, a lost message). Returns the ids it moved on."""
     stale = services.stale_active(settings.RECONCILE_STALE_SECONDS if stale_seconds is None else stale_seconds)
     moved = []
-    for experiment in stale.only("id", "current_step", "status"):
+    slots: set[tuple] = set()
+    for experiment in stale.only("id", "current_step", "status", "waiting_reason", "project_id", "engine_id"):
         services.heartbeat(experiment.pk)
+        if experiment.current_step == StepName.WAITING and experiment.waiting_reason:
+            # Its task ran and found no slot: nothing was lost. Re-check the slots of its
+            # (project, engine) quietly: an event every period would bury the timeline.
+            slots.add((experiment.project_id, experiment.engine_id))
+            continue
         services.record_action(experiment.pk, f"reconcile resumed {experiment.current_step}")
         _next(RESUME[experiment.current_step], experiment.pk)
         moved.append(str(experiment.pk))
+    for project_id, engine_id in slots:
+        moved += [str(pk) for pk in services.start_waiting_experiments(project_id, engine_id)]
     for experiment in services.expired_holds().only("id"):
         services.release_hold(experiment.pk, reason="debug hold expired")
     return moved

@@ -2,11 +2,15 @@
 transition table, an event row in the same transaction, and work enqueued after commit."""
 
 import logging
+import threading
+import time
+from collections import OrderedDict
 from datetime import timedelta
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models.functions import Coalesce
 from django.utils import timezone
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from experiments.logs import append_log
 from experiments.models import (
@@ -32,11 +36,67 @@ class ExperimentError(Exception):
     """A request the experiment's state or the project's setup does not allow."""
 
 
+class _BrokerOutage:
+    """Tasks the broker refused. What they were for is committed already, and reconcile's stale
+    check enqueues it again later; so the request that caused them still succeeds (202, see
+    queue_refused), and the outage is logged once a minute, not once per request."""
+
+    LOG_EVERY = 60.0
+    REMEMBER = 1000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_log: float | None = None
+        self._refused: OrderedDict[str, None] = OrderedDict()
+
+    def note(self, task_name: str, experiment_id, exc: Exception) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._refused[str(experiment_id)] = None
+            while len(self._refused) > self.REMEMBER:
+                self._refused.popitem(last=False)
+            quiet = self._last_log is not None and now - self._last_log < self.LOG_EVERY
+            if not quiet:
+                self._last_log = now
+        if not quiet:
+            log.error(
+                "the task queue is unreachable (%s: %s); %s of experiment %s waits for reconcile "
+                "(further failures are logged at most once a minute)",
+                type(exc).__name__,
+                exc,
+                task_name,
+                experiment_id,
+            )
+
+    def take(self, experiment_id) -> bool:
+        with self._lock:
+            if str(experiment_id) not in self._refused:
+                return False
+            del self._refused[str(experiment_id)]
+            return True
+
+
+_broker_outage = _BrokerOutage()
+
+
+def queue_refused(experiment_id) -> bool:
+    """Whether the broker refused this experiment's task, just now in this process; asking
+    forgets it. Enqueueing happens on commit, so ask after the service call returned."""
+    return _broker_outage.take(experiment_id)
+
+
 def _enqueue(task_name: str, experiment_id, **kwargs) -> None:
     from experiments import tasks
 
     task = getattr(tasks, task_name)
-    transaction.on_commit(lambda: task.apply_async(args=[str(experiment_id)], kwargs=kwargs))
+
+    def send() -> None:
+        try:
+            task.apply_async(args=[str(experiment_id)], kwargs=kwargs)
+        except KombuOperationalError as exc:  # the broker is unreachable (after kombu's retries)
+            _broker_outage.note(task_name, experiment_id, exc)
+
+    transaction.on_commit(send)
 
 
 def create_experiment(
@@ -99,26 +159,57 @@ def create_experiment(
     return experiment
 
 
+REPLAY_WINDOW = timedelta(hours=24)
+
+
+def _lock_body_digest(body_digest: str) -> None:
+    """Serialise deliveries of one body until the transaction ends, so two copies sent at once
+    cannot both miss each other in the lookup. PostgreSQL: a transaction-scoped advisory lock
+    (no table is touched). SQLite: its IMMEDIATE transactions already serialise writers."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            # 60 bits of the digest: a bigint key; a collision only serialises two deliveries.
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [int(body_digest[:15], 16)])
+
+
 def create_experiment_from_push(
-    *, project: Project, provider: str, delivery_id: str, **fields
+    *, project: Project, provider: str, delivery_id: str, body_digest: str = "", **fields
 ) -> tuple[Experiment | None, bool]:
-    """Returns (experiment, created). A delivery id seen before creates nothing."""
+    """Returns (experiment, created). A delivery id seen before, or the same signed body within
+    24 hours (the delivery id is not signed: a replayed body may come with a fresh one), creates
+    nothing (SPEC §2)."""
     try:
         with transaction.atomic():
+            if body_digest:
+                _lock_body_digest(body_digest)
+                # One lookup on the body_digest index.
+                if WebhookDelivery.objects.filter(
+                    body_digest=body_digest,
+                    project=project,
+                    provider=provider,
+                    received_at__gte=timezone.now() - REPLAY_WINDOW,
+                ).exists():
+                    return None, False
             experiment = create_experiment(project=project, **fields)
             # Inserted last, with its experiment: a duplicate id rolls the whole delivery back.
             WebhookDelivery.objects.create(
-                project=project, provider=provider, delivery_id=delivery_id, experiment=experiment
+                project=project,
+                provider=provider,
+                delivery_id=delivery_id,
+                body_digest=body_digest,
+                experiment=experiment,
             )
     except IntegrityError:
         return None, False
     return experiment, True
 
 
-def record_ignored_delivery(*, project: Project, provider: str, delivery_id: str) -> None:
+def record_ignored_delivery(*, project: Project, provider: str, delivery_id: str, body_digest: str = "") -> None:
     try:
         with transaction.atomic():
-            WebhookDelivery.objects.create(project=project, provider=provider, delivery_id=delivery_id)
+            WebhookDelivery.objects.create(
+                project=project, provider=provider, delivery_id=delivery_id, body_digest=body_digest
+            )
     except IntegrityError:
         pass
 
@@ -147,29 +238,149 @@ def _set_step(experiment_id, step: str, new: str, *, reason: str = "", actor=Non
 
 def begin_step(experiment_id, step: str, *, previous_outcome: str = StepStatus.SUCCEEDED, reason: str = "") -> bool:
     """Move an active experiment from the step before `step` into `step`. False when the
-    experiment is no longer there to move (cancelled, failed, or already moved by a twin task)."""
+    experiment is no longer there to move (cancelled, failed, or already moved by a twin task),
+    or, for Waiting → Cloning, when its engine has no free slot for its project yet."""
     index = STEP_ORDER.index(step)
     previous = STEP_ORDER[index - 1]
     now = timezone.now()
+    if previous == StepName.WAITING:
+        return _leave_waiting(experiment_id)
     with transaction.atomic():
-        moved_from_created = Experiment.objects.filter(
-            pk=experiment_id, status=Status.CREATED, current_step=previous
-        ).update(status=Status.PROCESSING, current_step=step, heartbeat_at=now, started_at=Coalesce("started_at", now))
-        if moved_from_created:
-            Event.objects.create(
-                experiment_id=experiment_id,
-                kind=Event.Kind.STATUS,
-                old=Status.CREATED,
-                new=Status.PROCESSING,
-                reason=f"{step} started",
-            )
-        elif not Experiment.objects.filter(pk=experiment_id, status=Status.PROCESSING, current_step=previous).update(
-            current_step=step, heartbeat_at=now
-        ):
+        if not _move_from_created(experiment_id, previous, step, now) and not Experiment.objects.filter(
+            pk=experiment_id, status=Status.PROCESSING, current_step=previous
+        ).update(current_step=step, heartbeat_at=now):
             return False
         _set_step(experiment_id, previous, previous_outcome, reason=reason)
         _set_step(experiment_id, step, StepStatus.RUNNING)
     return True
+
+
+def _move_from_created(experiment_id, previous: str, step: str, now) -> bool:
+    moved = Experiment.objects.filter(pk=experiment_id, status=Status.CREATED, current_step=previous).update(
+        status=Status.PROCESSING,
+        current_step=step,
+        heartbeat_at=now,
+        started_at=Coalesce("started_at", now),
+        waiting_reason="",
+    )
+    if moved:
+        Event.objects.create(
+            experiment_id=experiment_id,
+            kind=Event.Kind.STATUS,
+            old=Status.CREATED,
+            new=Status.PROCESSING,
+            reason=f"{step} started",
+        )
+    return bool(moved)
+
+
+# --- Slots: max_running_experiments_per_project (SPEC §4) ----------------------------------
+# An experiment holds a slot from the moment it leaves Waiting (status Processing) until it is
+# terminal. Waiting experiments start oldest first. Who moves one out of Waiting:
+# - its own clone task, the first time it runs (begin_step);
+# - otherwise a "dispatch" (a slot freed, reconcile) which moves it and enqueues one clone task.
+# A dispatch only moves experiments whose task already ran and left a waiting_reason: one whose
+# first task is still queued keeps its turn (and the slot) for that task, so no experiment ever
+# gets two clone tasks (a second would find it in Cloning and clone it again alongside).
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+def _fill_slots(project_id, engine: Engine, *, own=None) -> tuple[bool, list]:
+    """Inside a transaction: start the oldest waiting experiments of (project, engine) that fit.
+    Returns (whether `own` started, the others started, whose clone task the caller enqueues).
+    When `own` does not fit, its waiting reason is recorded."""
+    from experiments.limits import MAX_RUNNING, engine_limit
+
+    # The project row is the lock: two clone tasks starting at once must not both take the
+    # last slot. (SQLite ignores FOR UPDATE, but its IMMEDIATE transactions serialise writers.)
+    # NO KEY: a webhook inserting an experiment of the project (a foreign key share lock) is
+    # not held up by it.
+    list(Project.objects.select_for_update(no_key=True).filter(pk=project_id).values_list("pk", flat=True))
+    limit = engine_limit(engine, MAX_RUNNING)
+    queue = Experiment.objects.filter(
+        project_id=project_id, engine=engine, status=Status.CREATED, current_step=StepName.WAITING
+    )
+    running = Experiment.objects.filter(project_id=project_id, engine=engine, status=Status.PROCESSING).count()
+    free = max(limit - running, 0)
+    now = timezone.now()
+    own_started, others = False, []
+    for experiment_id, waiting_reason in queue.order_by("created_at", "id").values_list("id", "waiting_reason")[:free]:
+        if own is not None and experiment_id == own.pk:
+            own_started = _start_waiting(experiment_id, now)
+        elif waiting_reason and _start_waiting(experiment_id, now):
+            others.append(experiment_id)
+        # Else its first clone task is still queued: the slot is kept for it.
+    if own is not None and not own_started:
+        # With running < limit the free slots are kept for older experiments whose first task
+        # is about to start them: they run a moment later, and a reason that stays true spares
+        # an event per waiting experiment each time one starts.
+        n = max(running, limit)
+        why = _plural(n, "experiment of this project already runs", "experiments of this project already run")
+        _record_waiting(own.pk, f"waiting for a slot: {why} on engine {engine.name} ({MAX_RUNNING} = {limit})")
+    return own_started, others
+
+
+def _start_waiting(experiment_id, now) -> bool:
+    if not _move_from_created(experiment_id, StepName.WAITING, StepName.CLONING, now):
+        return False
+    _set_step(experiment_id, StepName.WAITING, StepStatus.SUCCEEDED)
+    _set_step(experiment_id, StepName.CLONING, StepStatus.RUNNING)
+    return True
+
+
+def _record_waiting(experiment_id, reason: str) -> None:
+    reason = reason[:300]
+    # The heartbeat says "checked just now": reconcile leaves it alone for a while.
+    if Experiment.objects.filter(pk=experiment_id, status=Status.CREATED, waiting_reason=reason).update(
+        heartbeat_at=timezone.now()
+    ):
+        return  # unchanged: no new event or log line (reconcile re-checks every period)
+    if not Experiment.objects.filter(pk=experiment_id, status=Status.CREATED).update(
+        waiting_reason=reason, heartbeat_at=timezone.now()
+    ):
+        return
+    Event.objects.create(
+        experiment_id=experiment_id,
+        kind=Event.Kind.STEP,
+        step=StepName.WAITING,
+        # The step stays Running: the row records why, not a transition.
+        old=StepStatus.RUNNING,
+        new=StepStatus.RUNNING,
+        reason=reason,
+        data={"waiting_reason": reason},
+    )
+    step_log(experiment_id, StepName.WAITING, reason)
+
+
+def _leave_waiting(experiment_id) -> bool:
+    own = (
+        Experiment.objects.filter(pk=experiment_id, status=Status.CREATED, current_step=StepName.WAITING)
+        .select_related("engine")
+        .only("id", "project", "created_at", "engine__id", "engine__name", "engine__config")
+        .first()
+    )
+    if own is None:
+        return False  # cancelled, or already out of Waiting (a resumed task: see pipeline._enter)
+    with transaction.atomic():
+        started, others = _fill_slots(own.project_id, own.engine, own=own)
+        for other in others:
+            _enqueue("clone", other)
+    return started
+
+
+def start_waiting_experiments(project_id, engine_id) -> list:
+    """Give freed slots to the oldest waiting experiments of (project, engine); the ids started."""
+    engine = Engine.objects.filter(pk=engine_id).first()
+    if engine is None:
+        return []
+    with transaction.atomic():
+        _started, others = _fill_slots(project_id, engine)
+        for other in others:
+            _enqueue("clone", other)
+    return others
 
 
 def heartbeat(experiment_id) -> bool:
@@ -208,10 +419,17 @@ def finish_experiment(
     )
     now = timezone.now()
     with transaction.atomic():
-        row = Experiment.objects.select_for_update().filter(pk=experiment_id).values("status", "current_step").first()
+        row = (
+            Experiment.objects.select_for_update()
+            .filter(pk=experiment_id)
+            .values("status", "current_step", "project_id", "engine_id")
+            .first()
+        )
         if not row or row["status"] not in allowed_from(STATUS_TRANSITIONS, new):
             return False
-        fields = {"status": new, "finished_at": now, "heartbeat_at": now}
+        # waiting_reason cleared: it says why an experiment has not started *yet*; the Waiting
+        # step's log and events keep the history.
+        fields = {"status": new, "finished_at": now, "heartbeat_at": now, "waiting_reason": ""}
         if exit_code is not None:
             fields["exit_code"] = exit_code
         if new != Status.SUCCEEDED and reason:
@@ -232,6 +450,11 @@ def finish_experiment(
             # Steps that never started are cancelled too, so the timeline shows nothing pending.
             for step in STEP_ORDER[STEP_ORDER.index(row["current_step"]) + 1 :]:
                 _set_step(experiment_id, step, StepStatus.CANCELLED, actor=actor)
+        # A slot of (project, engine) is free now. Its own transaction after this one: it locks
+        # the project row, which must never be taken while holding an experiment row (deadlock
+        # with a clone task that holds the project and moves experiments). robust: reconcile
+        # retries a dispatch that failed, and the finish itself stands.
+        transaction.on_commit(lambda: start_waiting_experiments(row["project_id"], row["engine_id"]), robust=True)
     return True
 
 

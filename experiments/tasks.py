@@ -6,7 +6,7 @@ import functools
 from celery import shared_task
 from django.conf import settings
 
-from experiments import pipeline, services
+from experiments import archives, pipeline, services
 
 
 def fails_on_crash(step: str):
@@ -59,3 +59,8 @@ def stop(experiment_id: str) -> None:
 @shared_task(name="experiments.reconcile", time_limit=300)
 def reconcile() -> None:
     pipeline.reconcile()
+
+
+@shared_task(name="experiments.sweep_archives", time_limit=600)
+def sweep_archives() -> None:
+    archives.sweep_orphan_archives()

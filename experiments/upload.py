@@ -8,7 +8,7 @@ socket (its flow control), so memory stays bounded whatever the size.
 
 The route keeps the REST API's contract (and stays documented in its OpenAPI schema, see
 experiments/api.py): Bearer token, projects.access (outsider 404), the same query parameters,
-201 with the experiment as JSON, 409 for an engine the project lacks or an empty archive, 413
+201 with the experiment as JSON (202 when the task queue is down: reconcile starts it later), 409 for an engine the project lacks or an empty archive, 413
 past settings.MAX_ARCHIVE_BYTES (declared or discovered while streaming)."""
 
 import asyncio
@@ -82,7 +82,7 @@ def route_archive_uploads(django_app: ASGIApp) -> ASGIApp:
 async def upload_archive(scope: Scope, receive: Receive, send: Send, slug: str) -> None:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
     try:
-        status, body = 201, await _store_and_create(scope, receive, headers, slug)
+        status, body = await _store_and_create(scope, receive, headers, slug)
     except Refusal as refusal:
         status, body = refusal.status, {"detail": refusal.detail}
     except ClientGone:
@@ -97,7 +97,7 @@ async def upload_archive(scope: Scope, receive: Receive, send: Send, slug: str) 
     await send({"type": "http.response.body", "body": json.dumps(body, cls=NinjaJSONEncoder).encode()})
 
 
-async def _store_and_create(scope: Scope, receive: Receive, headers: dict[str, str], slug: str) -> dict:
+async def _store_and_create(scope: Scope, receive: Receive, headers: dict[str, str], slug: str) -> tuple[int, dict]:
     _check_host(scope, headers)
     user = await database_sync_to_async(authenticate_token)(bearer_of(headers.get("authorization")))
     if user is None:
@@ -158,7 +158,7 @@ def _target(user, slug: str, engine_name: str | None):
 
 
 @database_sync_to_async
-def _create(project, engine, user, archive: str, params: ArchiveParams) -> dict:
+def _create(project, engine, user, archive: str, params: ArchiveParams) -> tuple[int, dict]:
     try:
         experiment = services.create_experiment(
             project=project,
@@ -171,7 +171,9 @@ def _create(project, engine, user, archive: str, params: ArchiveParams) -> dict:
         )
     except services.ExperimentError as exc:
         raise Refusal(409, str(exc)) from None
-    return ExperimentOut.from_orm(experiment).model_dump()
+    # 202 when the broker refused the task: the experiment is kept and reconcile starts it.
+    status = 202 if services.queue_refused(experiment.pk) else 201
+    return status, ExperimentOut.from_orm(experiment).model_dump()
 
 
 # --- streaming -----------------------------------------------------------------------------

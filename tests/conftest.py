@@ -46,6 +46,11 @@ def pytest_configure(config):
     settings.BUCKETS_ROOT = data / "buckets"
     settings.MEDIA_ROOT = data / "media"
     settings.WATCH_POLL_SECONDS = 0.1
+    # The `project` fixture runs on the local engine (AICHOR_LOCAL_ENGINE, off by default).
+    settings.LOCAL_ENGINE = True
+    # Test repositories are file:// URLs; the environment carries it to worker subprocesses.
+    settings.ALLOW_LOCAL_REPOS = True
+    os.environ["AICHOR_ALLOW_LOCAL_REPOS"] = "true"
     # Worker threads must not keep connections open past a test: the test database is
     # flushed or dropped behind them.
     settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
@@ -69,6 +74,47 @@ def _celery_memory_broker():
     app.conf.broker_url = "memory://"
     app.conf.broker_transport_options = {}
     yield
+
+
+class BrokerDown:
+    """The Celery app's producers pointed at a port that refuses connections (bound, never
+    listening) until restore(); a worker already consuming keeps its own connection."""
+
+    def __init__(self) -> None:
+        import socket
+
+        from aichor.celery import app
+
+        self.app = app
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.saved = app.conf.broker_url
+        self._switch(f"redis://127.0.0.1:{self.socket.getsockname()[1]}/0")
+
+    def _switch(self, url: str) -> None:
+        # The producer pool is built once from broker_url: forget it so the next send connects
+        # to `url`. Not closed: kombu keeps pools per URL and would hand the closed one back.
+        self.app._pool = None
+        self.app.amqp._producer_pool = None
+        self.app.conf.broker_url = url
+
+    def restore(self) -> None:
+        if self.socket is not None:
+            self._switch(self.saved)
+            self.socket.close()
+            self.socket = None
+
+
+@pytest.fixture
+def broker_down(monkeypatch):
+    """Request it after celery_worker_thread: the worker must connect before the broker goes."""
+    from experiments import services
+
+    # A fresh outage record: the error is logged on the first refusal of this test.
+    monkeypatch.setattr(services, "_broker_outage", services._BrokerOutage())
+    down = BrokerDown()
+    yield down
+    down.restore()
 
 
 @pytest.fixture
@@ -97,7 +143,8 @@ def local_engine(db):
 def docker_engine(db, docker_client):
     from projects.models import Engine
 
-    return Engine.objects.create(name="docker", kind=Engine.Kind.DOCKER)
+    # This machine's dockerd runs without a bridge network (dockerd --bridge=none).
+    return Engine.objects.create(name="docker", kind=Engine.Kind.DOCKER, config={"network": "none"})
 
 
 @pytest.fixture

@@ -132,3 +132,13 @@ def test_route_stays_documented_in_the_schema(client):
     ]
     assert set(operation["requestBody"]["content"]) == {"application/x-tar", "application/gzip"}
     assert {"201", "409", "413"} <= set(operation["responses"])
+
+
+def test_archive_with_the_broker_down_is_accepted_and_kept(project, tokens, broker_down):
+    data = tar_bytes({"aichor_manifests/manifest.yaml": "x: 1\n"})
+    response = upload(tokens["member"], data)
+    # Committed and kept for reconcile: 202 with the experiment, not a 500 nor a lost archive.
+    assert response.status_code == 202, response.content
+    experiment = Experiment.objects.get(pk=response.json()["id"])
+    assert experiment.status == "Created"
+    assert default_storage.exists(experiment.archive)

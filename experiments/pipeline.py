@@ -678,4 +678,6 @@ def reconcile(stale_seconds: float | None = None) -> list[str]:
 def _next(task_name: str, experiment_id) -> None:
     from experiments import tasks
 
+    if tasks.chain_next(task_name):
+        return
     getattr(tasks, task_name).apply_async(args=[str(experiment_id)])

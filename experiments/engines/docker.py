@@ -41,6 +41,9 @@ from experiments.engines.base import (
 
 LABEL = "aichor.experiment"
 BUILD_KEY_LABEL = "aichor.build-key"
+# One client per Docker host and process: making one asks the daemon its API version (~6 ms),
+# and every step makes an engine. Clients are thread-safe (a connection pool per host).
+_CLIENTS: dict[str, docker.DockerClient] = {}
 # `docker info` is slow (tens of ms); cores, memory and runtimes do not change between steps.
 _INFO_CACHE: dict[str, tuple[float, dict]] = {}
 INFO_TTL = 60.0
@@ -133,10 +136,13 @@ class DockerEngine(Engine):
     @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
+            self._client = _CLIENTS.get(self.base_url)
+        if self._client is None:
             try:
                 self._client = docker.DockerClient(base_url=self.base_url, timeout=120)
             except DockerException as exc:
                 raise EngineError(f"cannot reach the Docker Engine: {exc}") from None
+            _CLIENTS[self.base_url] = self._client
         return self._client
 
     # --- build -------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def top_up(project, engine, user, size: int) -> None:
             INSERT INTO experiments_experiment (
                 id, project_id, engine_id, source, clone_url, commit_sha, branch, archive, message,
                 author_id, author_name, manifest_path, manifest, manifest_text, status, current_step,
-                exit_code, failure_reason, image, created_at, started_at, finished_at, heartbeat_at)
+                exit_code, failure_reason, image, created_at, started_at, finished_at, heartbeat_at, waiting_reason)
             SELECT gen_random_uuid(), %s, %s, 'git', 'https://github.com/acme/bench.git',
                 md5(g::text) || 'abcdefgh', 'main', '', 'aichor[train.yaml]: sweep lr ' || g, %s,
                 'researcher' || (g %% 7) || '@example.com', 'aichor_manifests/train.yaml', %s::jsonb, '',
@@ -56,7 +56,7 @@ def top_up(project, engine, user, size: int) -> None:
                 now() - interval '1 day' - (g || ' seconds')::interval,
                 now() - interval '1 day' - (g || ' seconds')::interval,
                 now() - interval '1 day' - (g || ' seconds')::interval + interval '20 minutes',
-                now()
+                now(), ''
             FROM generate_series(%s, %s) AS g
             """,
             [project.pk, engine.pk, user.pk, json.dumps(MANIFEST), have + 1, size],

@@ -18,8 +18,12 @@ def data_dir(settings, tmp_path):
 
 
 @pytest.mark.docker
-def test_bootstrap_makes_docker_the_demo_default_when_docker_answers(data_dir, docker_client, settings):
+def test_bootstrap_makes_docker_the_demo_default_when_docker_answers(data_dir, docker_client, settings, monkeypatch):
+    from projects.management.commands import bootstrap
+
     settings.LOCAL_ENGINE = True
+    # No registry here: stand in for a host that has (or can pull) the demo's base image.
+    monkeypatch.setattr(bootstrap, "_demo_base_available", lambda: True)
     call_command("bootstrap", stdout=io.StringIO())
     demo = Project.objects.get(slug="demo")
     assert demo.default_engine.kind == Engine.Kind.DOCKER
@@ -54,3 +58,20 @@ def test_bootstrap_without_local_repos_makes_no_demo_and_says_why(data_dir, sett
     assert "AICHOR_ALLOW_LOCAL_REPOS=true" in capsys.readouterr().out
     assert Engine.objects.filter(kind=Engine.Kind.LOCAL).exists()
     assert not Project.objects.filter(slug="demo").exists()
+
+
+@pytest.mark.docker
+def test_demo_runs_on_the_local_engine_when_docker_cannot_get_its_base_image(
+    data_dir, docker_client, settings, monkeypatch
+):
+    from projects.management.commands import bootstrap
+
+    # An image no registry has: the real pull fails, with or without a registry in reach.
+    monkeypatch.setattr(bootstrap, "DEMO_BASE_IMAGE", "aichor-test/never-published:none")
+    settings.LOCAL_ENGINE = True
+    out = io.StringIO()
+    call_command("bootstrap", stdout=out)
+    assert "Docker cannot get aichor-test/never-published:none" in out.getvalue()
+    demo = Project.objects.get(slug="demo")
+    assert demo.default_engine.kind == Engine.Kind.LOCAL
+    assert {e.kind for e in demo.engines.all()} == {Engine.Kind.DOCKER, Engine.Kind.LOCAL}

@@ -16,8 +16,9 @@ from projects.services import create_project
 
 ADMIN = "admin@example.com"
 
+DEMO_BASE_IMAGE = "python:3.11-slim"
 DEMO_FILES = {
-    "Dockerfile": "FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\n",
+    "Dockerfile": f"FROM {DEMO_BASE_IMAGE}\nWORKDIR /app\nCOPY . /app\n",
     "aichor_manifests/manifest.yaml": """kind: AIchorManifest
 apiVersion: 0.2.3
 builder:
@@ -111,9 +112,19 @@ class Command(BaseCommand):
         elif not Project.objects.filter(slug="demo").exists():
             admin = users.objects.filter(is_superuser=True).first()
             url, sha = make_demo_repo(Path(settings.DATA_DIR))
-            # Docker whenever it answers: its containers are isolated from the server, local
-            # processes are not.
-            default = next((e for e in engines if e.kind == Engine.Kind.DOCKER), engines[0])
+            # Docker whenever it answers and can get the demo's base image: its containers are
+            # isolated from the server, local processes are not. A Docker host without a
+            # registry would only fail the demo at Building.
+            docker_engine = next((e for e in engines if e.kind == Engine.Kind.DOCKER), None)
+            default = engines[0]
+            if docker_engine is not None:
+                if _demo_base_available():
+                    default = docker_engine
+                else:
+                    self.stdout.write(
+                        f"Docker cannot get {DEMO_BASE_IMAGE} (no registry reachable?): "
+                        f"the demo runs on the {default.name} engine."
+                    )
             project = create_project(
                 name="Demo", slug="demo", repo_clone_url=url, engines=engines, default_engine=default, admins=[admin]
             )
@@ -145,6 +156,23 @@ def _docker_network() -> str:
         return "bridge" if "bridge" in names else "none"
     except Exception:  # answered a ping a moment ago; a hiccup now gets the safe choice
         return "none"
+
+
+def _demo_base_available() -> bool:
+    """The demo's base image is on the Docker host, or can be pulled now (on a first start the
+    demo's build would pull it anyway; here a host without a registry is told at once)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=300)
+        try:
+            client.images.get(DEMO_BASE_IMAGE)
+            return True
+        except docker.errors.ImageNotFound:
+            client.images.pull(DEMO_BASE_IMAGE)
+            return True
+    except Exception:  # no registry, no DNS, a timeout: the demo goes elsewhere
+        return False
 
 
 def _docker_available() -> bool:

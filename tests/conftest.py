@@ -353,11 +353,18 @@ def celery_worker_thread(transactional_db):
     """A real Celery worker in this process (threads pool, in-memory broker): the pipeline runs
     concurrently with the test, as it would in production."""
     from celery.contrib.testing.worker import start_worker
+    from celery.worker import state
 
     from aichor.celery import app
 
     with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30):
         yield
+        # Let tasks under way finish while the test database is still open: the thread pool
+        # does not wait for them at shutdown, and a chained pipeline (clone → build → submit)
+        # can still be running when the test's own condition is met.
+        deadline = time.monotonic() + 10
+        while (state.active_requests or state.reserved_requests) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @pytest.fixture(scope="session", autouse=True)

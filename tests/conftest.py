@@ -347,6 +347,41 @@ def containers_of(client, experiment_id) -> list:
     return client.api.containers(all=True, filters={"label": f"aichor.experiment={experiment_id}"})
 
 
+# --- Django admin ----------------------------------------------------------------------------
+def project_change_form(project, *, new_member: str | None = None, **fields) -> dict:
+    """The admin's project change form as its page posts it: the project's fields (`fields`
+    override them), every membership row by e-mail, and one new member row when asked."""
+    memberships = list(project.memberships.select_related("user").order_by("pk"))
+    rows = len(memberships) + (1 if new_member else 0)
+    data = {
+        "name": project.name,
+        "repo_clone_url": project.repo_clone_url,
+        "repo_web_url": project.repo_web_url,
+        "engines": [project.default_engine_id],
+        "default_engine": project.default_engine_id,
+        "memberships-TOTAL_FORMS": str(rows),
+        "memberships-INITIAL_FORMS": str(len(memberships)),
+        "memberships-MIN_NUM_FORMS": "0",
+        "memberships-MAX_NUM_FORMS": "1000",
+        **fields,
+    }
+    for i, m in enumerate(memberships):
+        data |= {
+            f"memberships-{i}-id": m.pk,
+            f"memberships-{i}-project": project.pk,
+            f"memberships-{i}-email": m.user.email,
+            f"memberships-{i}-role": m.role,
+        }
+    if new_member:
+        n = len(memberships)
+        data |= {
+            f"memberships-{n}-project": project.pk,
+            f"memberships-{n}-email": new_member,
+            f"memberships-{n}-role": "member",
+        }
+    return data
+
+
 # --- Celery -------------------------------------------------------------------------------
 @pytest.fixture
 def celery_worker_thread(transactional_db):

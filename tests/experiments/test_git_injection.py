@@ -17,7 +17,7 @@ from experiments.logs import LogWriter, log_text
 from experiments.models import Experiment, Status, WebhookDelivery
 from experiments.pipeline import Liveness, StepFailed, fetch_git
 from projects.services import create_project
-from tests.conftest import ended, github_push, manifest_yaml, post_github
+from tests.conftest import ended, github_push, manifest_yaml, post_github, project_change_form
 
 pytestmark = pytest.mark.django_db
 
@@ -154,28 +154,7 @@ def test_delivery_clone_url_of_a_project_without_one_is_checked(client, local_en
 
 # --- Through the Django admin (a project admin edits the clone URL) ---------------------------
 def change_form(project, clone_url: str) -> dict:
-    memberships = list(project.memberships.order_by("pk"))
-    data = {
-        "name": project.name,
-        "repo_clone_url": clone_url,
-        "repo_web_url": "",
-        "engines": [project.default_engine_id],
-        "default_engine": project.default_engine_id,
-        "memberships-TOTAL_FORMS": str(len(memberships)),
-        "memberships-INITIAL_FORMS": str(len(memberships)),
-        "memberships-MIN_NUM_FORMS": "0",
-        "memberships-MAX_NUM_FORMS": "1000",
-    }
-    for i, m in enumerate(memberships):
-        data |= {
-            f"memberships-{i}-id": m.pk,
-            f"memberships-{i}-project": project.pk,
-            f"memberships-{i}-user": m.user_id,
-            # Members are named by e-mail in the admin (issue 10 #14), by id before.
-            f"memberships-{i}-email": m.user.email,
-            f"memberships-{i}-role": m.role,
-        }
-    return data
+    return project_change_form(project, repo_clone_url=clone_url, repo_web_url="")
 
 
 @pytest.mark.parametrize(

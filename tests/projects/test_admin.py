@@ -5,6 +5,7 @@ import pytest
 from experiments import services
 from projects.models import Membership
 from projects.services import create_project
+from tests.conftest import project_change_form
 
 pytestmark = pytest.mark.django_db
 
@@ -28,31 +29,13 @@ def test_project_admin_enters_the_admin_and_sees_only_their_projects(client, adm
 def test_project_admin_edits_settings_and_members(client, admin_user, member_user, project, django_user_model):
     newcomer = django_user_model.objects.create_user("new@example.com", "new@example.com", "pw-new-12345")
     client.force_login(admin_user)
-    memberships = list(project.memberships.order_by("pk"))
-    data = {
-        "name": "Vision",
-        "repo_clone_url": "https://github.com/acme/vision2.git",
-        "repo_web_url": "https://github.com/acme/vision2",
-        "engines": [project.default_engine_id],
-        "default_engine": project.default_engine_id,
-        "memberships-TOTAL_FORMS": str(len(memberships) + 1),
-        "memberships-INITIAL_FORMS": str(len(memberships)),
-        "memberships-MIN_NUM_FORMS": "0",
-        "memberships-MAX_NUM_FORMS": "1000",
-    }
-    for i, m in enumerate(memberships):
-        data |= {
-            f"memberships-{i}-id": m.pk,
-            f"memberships-{i}-project": project.pk,
-            f"memberships-{i}-email": m.user.email,
-            f"memberships-{i}-role": m.role,
-        }
-    n = len(memberships)
-    data |= {
-        f"memberships-{n}-project": project.pk,
-        f"memberships-{n}-email": newcomer.email,
-        f"memberships-{n}-role": "member",
-    }
+    data = project_change_form(
+        project,
+        new_member=newcomer.email,
+        name="Vision",
+        repo_clone_url="https://github.com/acme/vision2.git",
+        repo_web_url="https://github.com/acme/vision2",
+    )
     response = client.post(f"/admin/projects/project/{project.pk}/change/", data)
     assert response.status_code == 302, response.content.decode()[:3000]
     project.refresh_from_db()
@@ -62,31 +45,7 @@ def test_project_admin_edits_settings_and_members(client, admin_user, member_use
 
 def membership_data(project, add_email: str) -> dict:
     """The change form as the admin page posts it, with one new member row."""
-    memberships = list(project.memberships.select_related("user").order_by("pk"))
-    data = {
-        "name": project.name,
-        "repo_clone_url": project.repo_clone_url,
-        "repo_web_url": project.repo_web_url,
-        "engines": [project.default_engine_id],
-        "default_engine": project.default_engine_id,
-        "memberships-TOTAL_FORMS": str(len(memberships) + 1),
-        "memberships-INITIAL_FORMS": str(len(memberships)),
-        "memberships-MIN_NUM_FORMS": "0",
-        "memberships-MAX_NUM_FORMS": "1000",
-    }
-    for i, m in enumerate(memberships):
-        data |= {
-            f"memberships-{i}-id": m.pk,
-            f"memberships-{i}-project": project.pk,
-            f"memberships-{i}-email": m.user.email,
-            f"memberships-{i}-role": m.role,
-        }
-    n = len(memberships)
-    return data | {
-        f"memberships-{n}-project": project.pk,
-        f"memberships-{n}-email": add_email,
-        f"memberships-{n}-role": "member",
-    }
+    return project_change_form(project, new_member=add_email)
 
 
 def test_member_picker_shows_only_people_sharing_a_project(

@@ -16,11 +16,12 @@ from ninja.responses import Status as Reply
 from pydantic import field_validator
 
 from aichor.lib.git import GitInputError, check_branch
-from experiments import services
+from experiments import queue, services
+from experiments.access import get_experiment
 from experiments.logs import read_log, streams
 from experiments.logview import follow_ended
 from experiments.models import Experiment, Status
-from projects.access import get_experiment, get_project
+from projects.access import get_project
 from projects.models import Project
 
 router = Router(tags=["experiments"])
@@ -30,6 +31,19 @@ FOLLOW_POLL_SECONDS = 0.5
 
 
 # --- schemas -----------------------------------------------------------------------------
+class ResourcesOut(Schema):
+    """What the manifest asks for while every process that runs at once runs."""
+
+    processes: int
+    cpus: int | float
+    gpus: int
+    gpus_by_type: dict[str, int] = Field(
+        ..., description='GPUs by the product, else the type, the manifest names; "" when neither'
+    )
+    memory_gb: int | float
+    tpu_chips: int
+
+
 class ExperimentOut(Schema):
     id: uuid.UUID
     short_id: str
@@ -53,6 +67,12 @@ class ExperimentOut(Schema):
     started_at: datetime | None
     finished_at: datetime | None
     is_terminal: bool
+    resources: ResourcesOut | None = Field(None, description="null until Cloning has read the manifest")
+
+    @staticmethod
+    def resolve_resources(experiment: Experiment) -> dict | None:
+        # From the row's stored manifest: no query, so the list costs the same with totals.
+        return experiment.typed_manifest.totals().as_json() if experiment.manifest else None
 
 
 class ExperimentPage(Schema):
@@ -153,7 +173,7 @@ def _decode_cursor(cursor: str) -> Q | None:
 # --- routes ------------------------------------------------------------------------------
 @router.get("/projects/{slug}/experiments", response=ExperimentPage, summary="A project's experiments, newest first")
 def list_experiments(request: HttpRequest, slug: str, filters: Query[ListFilters]):
-    project = get_project(request.auth, slug)
+    project, _ = get_project(request.auth, slug)
     qs = Experiment.objects.filter(project=project).select_related("project", "engine").order_by("-created_at", "-id")
     if filters.status:
         qs = qs.filter(status=filters.status)
@@ -177,7 +197,7 @@ def list_experiments(request: HttpRequest, slug: str, filters: Query[ListFilters
 def _created(experiment: Experiment) -> Reply:
     """201, or 202 when the broker refused the task: the experiment is committed and waits in
     Created for reconcile, which starts it later."""
-    return Reply(202 if services.queue_refused(experiment.pk) else 201, experiment)
+    return Reply(202 if queue.refused(experiment.pk) else 201, experiment)
 
 
 @router.post(
@@ -188,7 +208,7 @@ def _created(experiment: Experiment) -> Reply:
     "started later by the periodic reconcile.",
 )
 def submit_commit(request: HttpRequest, slug: str, payload: CommitIn):
-    project = get_project(request.auth, slug)
+    project, _ = get_project(request.auth, slug)
     experiment = services.create_experiment(
         project=project,
         engine=target_engine(project, payload.engine),
@@ -228,12 +248,12 @@ def submit_archive(request: HttpRequest, slug: str, params: Query[ArchiveParams]
 
 @router.get("/experiments/{experiment_id}", response=ExperimentOut, summary="One experiment")
 def experiment_detail(request: HttpRequest, experiment_id: str):
-    return get_experiment(request.auth, experiment_id)
+    return get_experiment(request.auth, experiment_id)[0]
 
 
 @router.post("/experiments/{experiment_id}/cancel", response={200: ExperimentOut, 409: Error}, summary="Cancel")
 def cancel(request: HttpRequest, experiment_id: str):
-    experiment = get_experiment(request.auth, experiment_id)
+    experiment, _ = get_experiment(request.auth, experiment_id)
     services.cancel_experiment(experiment, actor=request.auth)
     return experiment
 
@@ -245,18 +265,20 @@ def cancel(request: HttpRequest, experiment_id: str):
     description="202 instead of 201 when the task queue is unreachable (started later by reconcile).",
 )
 def resubmit(request: HttpRequest, experiment_id: str):
-    experiment = get_experiment(request.auth, experiment_id)
+    experiment, _ = get_experiment(request.auth, experiment_id)
     return _created(services.resubmit_experiment(experiment, actor=request.auth))
 
 
 @router.get("/experiments/{experiment_id}/steps", response=list[StepOut], summary="An experiment's steps, in order")
 def experiment_steps(request: HttpRequest, experiment_id: str):
-    return get_experiment(request.auth, experiment_id).steps.order_by("position")
+    experiment, _ = get_experiment(request.auth, experiment_id)
+    return experiment.steps.order_by("position")
 
 
 @router.get("/experiments/{experiment_id}/logs/streams", response=list[str], summary="Names of the stored logs")
 def log_streams(request: HttpRequest, experiment_id: str):
-    return streams(get_experiment(request.auth, experiment_id).pk)
+    experiment, _ = get_experiment(request.auth, experiment_id)
+    return streams(experiment.pk)
 
 
 @router.get(
@@ -266,7 +288,7 @@ def log_streams(request: HttpRequest, experiment_id: str):
     openapi_extra={"responses": {"200": {"description": "log text", "content": {"text/plain": {}}}}},
 )
 def experiment_logs(request: HttpRequest, experiment_id: str, params: Query[LogParams]):
-    experiment = get_experiment(request.auth, experiment_id)
+    experiment, _ = get_experiment(request.auth, experiment_id)
     response = StreamingHttpResponse(
         _log_text(experiment.pk, params.stream, params.follow), content_type="text/plain; charset=utf-8"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from experiments.manifest.types import Manifest
 from projects.models import Engine
 
 log = logging.getLogger(__name__)
@@ -37,33 +38,27 @@ def engine_limit(engine: Engine, name: str) -> int:
     return value
 
 
-def processes_at_once(manifest: dict) -> list[tuple[str, int]]:
+def processes_at_once(manifest: Manifest) -> list[tuple[str, int]]:
     """(path, processes) for every process group of a validated manifest, counted without
     planning the processes: a jobset of 10^6 must cost as little as one of 10."""
-    spec = manifest["spec"]
-    operator, types = spec["operator"], spec["types"]
-    if operator == "batch":
-        name = next(iter(types), "worker")
+    spec = manifest.spec
+    if spec.operator == "batch":
+        name = spec.groups[0].name if spec.groups else "worker"
         return [(f"spec.types.{name}", 1)]
-    if operator == "jobset":
+    if spec.operator == "jobset":
         # Only `parallelisms` completions of a job run at the same time.
-        return [
-            (f"spec.types.{name}", group["count"] * min(group["parallelisms"], group["completions"]))
-            for name, group in types.items()
-        ]
-    if operator == "kuberay":
+        return [(f"spec.types.{group.name}", group.at_once) for group in spec.groups]
+    if spec.operator == "kuberay":
         groups = [("spec.types.Head", 1)]
-        groups += [
-            (f"spec.types.Workers[{i}].count", pool["count"]) for i, pool in enumerate(spec.get("workers") or [])
-        ]
+        groups += [(f"spec.types.Workers[{i}].count", pool.count) for i, pool in enumerate(spec.ray_pools)]
         # The submitter runs the user's command as the Ray driver: one more process.
         return [*groups, ("spec.types.Head", 1)]
     # pytorch/xgboost (worker, or Master + Worker), jax (worker) and any operator whose types
     # are plain counts: every replica of every type runs at once.
-    return [(f"spec.types.{name}.count", group["count"]) for name, group in types.items()]
+    return [(f"spec.types.{group.name}.count", group.count) for group in spec.groups]
 
 
-def check_processes(manifest: dict, engine: Engine) -> str | None:
+def check_processes(manifest: Manifest, engine: Engine) -> str | None:
     """The "path: message" error when the manifest starts more processes at once than the
     engine allows, else None."""
     limit = engine_limit(engine, MAX_PROCESSES)
@@ -76,21 +71,20 @@ def check_processes(manifest: dict, engine: Engine) -> str | None:
     if biggest <= limit:
         path = "spec.types"
     detail = ""
-    if manifest["spec"]["operator"] == "jobset" and path != "spec.types":
-        group = manifest["spec"]["types"][path.removeprefix("spec.types.")]
-        at_once = min(group["parallelisms"], group["completions"])
-        detail = f" (count {group['count']} × {at_once} completions in parallel)"
+    if manifest.spec.operator == "jobset" and path != "spec.types":
+        group = manifest.spec.group(path.removeprefix("spec.types."))
+        detail = f" (count {group.count} × {min(group.parallelisms, group.completions)} completions in parallel)"
     return f"{path}: {total} processes at once{detail} exceed engine {engine.name}'s limit of {limit} ({MAX_PROCESSES})"
 
 
-def check_started(manifest: dict, engine: Engine) -> str | None:
+def check_started(manifest: Manifest, engine: Engine) -> str | None:
     """What a single-host engine really starts: it runs every completion of a jobset group at
     once (it does not yet hold completions back to `parallelisms`), so the limit bounds that
     number too, before anything is planned."""
-    if manifest["spec"]["operator"] != "jobset":
+    if manifest.spec.operator != "jobset":
         return None
     limit = engine_limit(engine, MAX_PROCESSES)
-    total = sum(group["count"] * group["completions"] for group in manifest["spec"]["types"].values())
+    total = sum(group.count * group.completions for group in manifest.spec.groups)
     if total <= limit:
         return None
     return (

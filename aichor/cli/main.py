@@ -56,6 +56,18 @@ def describe(e: dict) -> str:
     )
 
 
+def resources_text(resources: dict | None) -> str:
+    """CPUs and GPUs in fixed-width columns ("20 CPU 8 × A100 GPU"), as the dashboard's table:
+    the GPU type only when a single short one is named; blank before the manifest is read."""
+    if not resources:
+        return " " * 23
+    kinds = list(resources["gpus_by_type"])
+    gpus = str(resources["gpus"])
+    if len(kinds) == 1 and 0 < len(kinds[0]) <= 10:
+        gpus = f"{gpus} × {kinds[0].upper()}"
+    return f"{resources['cpus']:>4} CPU {gpus:>10} GPU"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="aichor", message="aichor %(version)s")
 def cli() -> None:
@@ -232,7 +244,8 @@ def list_experiments(status: str | None, limit: int, as_json: bool) -> None:
     params = {"limit": limit} | ({"status": status} if status else {})
     items = Client().get(f"/projects/{slug}/experiments", params=params, not_found=f"no project {slug}")["items"]
     lines = [
-        f"{e['short_id']}  {e['status']:<10} {e['current_step']:<10} {e['created_at'][:19]}  {e['author']:<20} "
+        f"{e['short_id']}  {e['status']:<10} {e['current_step']:<10} {resources_text(e.get('resources'))}  "
+        f"{e['created_at'][:19]}  {e['author']:<20} "
         f"{(e['message'] or '').splitlines()[0][:50] if e['message'] else ''}"
         for e in items
     ]

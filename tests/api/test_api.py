@@ -4,9 +4,11 @@ import pytest
 
 from experiments import services
 from experiments.logs import append_log
+from experiments.manifest import parse_manifest
 from experiments.models import Experiment, Status
 from projects.models import ApiToken
 from tests.api.conftest import streamed
+from tests.helpers import manifest_yaml
 
 pytestmark = pytest.mark.django_db
 
@@ -165,9 +167,39 @@ def test_list_filters_and_keyset_pagination(client, project, tokens, admin_user,
     assert client.get(url, {"cursor": "garbage"}, headers=tokens["member"]).status_code == 400
 
 
+GPU_MANIFEST = manifest_yaml(
+    "python train.py",
+    operator="pytorch",
+    types="    worker:\n      count: 2\n      resources: {cpus: 6, memory: 40, accelerators: {gpu: {count: 4, type: a100}}}\n",
+)
+
+
+def with_manifest(experiment: Experiment, text: str) -> Experiment:
+    """As Cloning leaves it: the validated manifest stored."""
+    Experiment.objects.filter(pk=experiment.pk).update(manifest=parse_manifest(text).to_dict(), manifest_text=text)
+    return experiment
+
+
+def test_list_and_detail_give_the_resources_the_manifest_asks_for(client, project, tokens, member_user):
+    gpu = with_manifest(new_experiment(project, member_user, message="gpus"), GPU_MANIFEST)
+    unread = new_experiment(project, member_user, message="not cloned yet")
+    expected = {
+        "processes": 2,
+        "cpus": 12,
+        "gpus": 8,
+        "gpus_by_type": {"a100": 8},
+        "memory_gb": 80,
+        "tpu_chips": 0,
+    }
+    items = client.get(f"{API}/projects/vision/experiments", headers=tokens["member"]).json()["items"]
+    assert {item["message"]: item["resources"] for item in items} == {"gpus": expected, "not cloned yet": None}
+    assert client.get(f"{API}/experiments/{gpu.pk}", headers=tokens["member"]).json()["resources"] == expected
+    assert client.get(f"{API}/experiments/{unread.pk}", headers=tokens["member"]).json()["resources"] is None
+
+
 def test_list_query_count_does_not_grow_with_rows(client, project, tokens, member_user, django_assert_max_num_queries):
     for i in range(30):
-        new_experiment(project, member_user, message=f"run {i}")
+        with_manifest(new_experiment(project, member_user, message=f"run {i}"), GPU_MANIFEST)
     with django_assert_max_num_queries(6):
         assert len(client.get(f"{API}/projects/vision/experiments", headers=tokens["member"]).json()["items"]) == 30
 

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from tests.conftest import manifest_yaml, wait_for
+from tests.helpers import manifest_yaml, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -96,6 +96,40 @@ def test_submit_commit_sha(logged_in, git_repo, celery_worker_thread):
     assert experiment["commit_sha"] == sha
     assert logged_in.wait_status(experiment["id"], ("Succeeded", "Failed"))["status"] == "Succeeded"
     assert "from-commit" in logged_in.run("experiments", "logs", experiment["id"]).stdout
+
+
+def test_list_shows_the_cpus_and_gpus_the_manifest_asks_for(logged_in, project, member_user):
+    from experiments import services
+    from experiments.manifest import parse_manifest
+    from experiments.models import Experiment
+
+    text = manifest_yaml(
+        "python train.py",
+        operator="pytorch",
+        types="    worker:\n      count: 2\n      resources: {cpus: 6, memory: 40, accelerators: {gpu: {count: 4, type: a100}}}\n",
+    )
+    made = [
+        services.create_experiment(
+            project=project,
+            author=member_user,
+            commit_sha="a" * 40,
+            branch="main",
+            message=message,
+            manifest_path="aichor_manifests/manifest.yaml",
+        )
+        for message in ("not cloned yet", "eight gpus")
+    ]
+    # As Cloning leaves it: the validated manifest stored.
+    Experiment.objects.filter(pk=made[1].pk).update(manifest=parse_manifest(text).to_dict(), manifest_text=text)
+
+    lines = logged_in.run("experiments", "list").stdout.splitlines()
+    gpus = next(line for line in lines if line.startswith(made[1].short_id))
+    assert "  12 CPU   8 × A100 GPU  " in gpus and gpus.endswith("eight gpus")
+    unread = next(line for line in lines if line.startswith(made[0].short_id))
+    assert "CPU" not in unread and unread.endswith("not cloned yet")
+    listed = {e["message"]: e["resources"] for e in logged_in.json("experiments", "list")}
+    assert listed["not cloned yet"] is None
+    assert (listed["eight gpus"]["gpus"], listed["eight gpus"]["gpus_by_type"]) == (8, {"a100": 8})
 
 
 def one_line_error(result) -> str:

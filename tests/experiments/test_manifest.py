@@ -7,10 +7,13 @@ import pytest
 
 from experiments.manifest import (
     OPERATORS,
+    Manifest,
     ManifestError,
     parse_duration,
     parse_manifest,
 )
+from experiments.manifest.types import Clone, Gpu, PvcMount, SharedVolume
+from tests.helpers import manifest_yaml
 
 
 def errors_of(text: str, **kwargs) -> list[str]:
@@ -98,45 +101,39 @@ spec:
 def test_realistic_pytorch_manifest_is_normalised_for_the_pipeline():
     result = parse_manifest(PYTORCH_023, known_pvcs={"datasets"})
 
-    builder = result["builder"]
-    assert builder["dockerfile"] == "Dockerfile"
-    assert builder["buildArgs"] == {
+    builder = result.builder
+    assert builder.dockerfile == "Dockerfile"
+    assert builder.build_args == {
         "USE_CUDA": "true",
         "PYTHON_VERSION": "3.11",
         "BASE": "nvcr.io/nvidia/pytorch:24.01-py3",
     }
-    assert builder["target"] == "train"
-    assert result["clone"] == {
-        "depth": 5,
-        "includeDotGit": True,
-        "submodules": "recursive",
-    }
+    assert builder.target == "train"
+    assert result.clone == Clone(depth=5, include_dot_git=True, submodules="recursive")
 
-    spec = result["spec"]
-    assert spec["operator"] == "pytorch"
-    assert spec["command"] == "torchrun src/train.py --lr 3e-4"
-    assert spec["timeout"] == 6 * 3600
-    assert spec["env"] == {"LR": "0.001", "WANDB_MODE": "offline", "DEBUG": "false"}
-    assert spec["tensorboard"] == {"enabled": True}
-    assert spec["storage"]["sharedVolume"] == {
-        "mountPoint": "/mnt/shared",
-        "sizeGB": 16,
-        "storageClass": "standard-rwo",
-        "accessMode": "ReadWriteMany",
-    }
-    assert spec["storage"]["attachExistingPVCs"] == [{"name": "datasets", "mountPoint": "/mnt/datasets"}]
-    assert spec["debug"]["holdOnFailure"] == 1800
-    assert "workers" not in spec  # only kuberay has worker pools
+    spec = result.spec
+    assert spec.operator == "pytorch"
+    assert spec.command == "torchrun src/train.py --lr 3e-4"
+    assert spec.timeout == 6 * 3600
+    assert spec.env == {"LR": "0.001", "WANDB_MODE": "offline", "DEBUG": "false"}
+    assert spec.tensorboard is True
+    assert spec.storage.shared_volume == SharedVolume(
+        size_gb=16, mount_point="/mnt/shared", storage_class="standard-rwo", access_mode="ReadWriteMany"
+    )
+    assert spec.storage.pvcs == [PvcMount("datasets", "/mnt/datasets")]
+    assert spec.debug.hold_on_failure == 1800
+    assert spec.ray_pools == []  # only kuberay has worker pools
+    assert "workers" not in result.to_dict()["spec"]
 
-    worker = spec["types"]["worker"]
-    assert worker["count"] == 4
-    resources = worker["resources"]
-    assert resources["memoryGB"] == 32.0  # 8 CPUs x 4 GB
-    assert resources["cpuLimitRatio"] == 1
-    assert resources["gpu"] == {"count": 1, "type": "gpu", "product": "A100-SXM4-80GB"}
-    assert resources["tpu"] is None
-    assert resources["extraSelectors"] == {"pool": "a100"}
-    assert resources["extraTolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    (worker,) = spec.groups
+    assert (worker.name, worker.count) == ("worker", 4)
+    resources = worker.resources
+    assert resources.memory_gb == 32.0  # 8 CPUs x 4 GB
+    assert resources.cpu_limit_ratio == 1
+    assert resources.gpu == Gpu(count=1, type="gpu", product="A100-SXM4-80GB")
+    assert resources.tpu is None
+    assert resources.extra_selectors == {"pool": "a100"}
+    assert resources.extra_tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def test_legacy_0_2_2_master_and_worker_manifest_is_accepted():
@@ -169,12 +166,12 @@ def test_legacy_0_2_2_master_and_worker_manifest_is_accepted():
     """
     result = parse_manifest(dedent(text))
 
-    assert result["apiVersion"] == "0.2.2"
-    types = result["spec"]["types"]
-    assert list(types) == ["Master", "Worker"]  # names kept as written
-    assert types["Master"]["resources"]["memoryGB"] == 8.0
-    assert types["Worker"]["count"] == 3
-    assert types["Worker"]["resources"]["memoryGB"] == 24.0
+    assert result.api_version == "0.2.2"
+    master, worker = result.spec.groups
+    assert (master.name, worker.name) == ("Master", "Worker")  # names kept as written
+    assert master.resources.memory_gb == 8.0
+    assert worker.count == 3
+    assert worker.resources.memory_gb == 24.0
 
 
 def test_pytorch_worker_alone_in_legacy_spelling_is_accepted():
@@ -190,7 +187,7 @@ def test_pytorch_worker_alone_in_legacy_spelling_is_accepted():
             api_version="0.2.2",
         )
     )
-    assert result["spec"]["types"]["Worker"]["count"] == 2
+    assert result.spec.group("Worker").count == 2
 
 
 def test_0_2_1_manifest_from_aichor_demos_is_accepted():
@@ -221,14 +218,10 @@ def test_0_2_1_manifest_from_aichor_demos_is_accepted():
     """
     result = parse_manifest(dedent(text))
 
-    worker = result["spec"]["types"]["worker"]
-    assert (worker["count"], worker["completions"], worker["parallelisms"]) == (
-        10,
-        10,
-        2,
-    )
-    assert worker["resources"]["shmSizeGB"] == 0
-    assert worker["resources"]["memoryGB"] == 4.0
+    worker = result.spec.group("worker")
+    assert (worker.count, worker.completions, worker.parallelisms) == (10, 10, 2)
+    assert worker.resources.shm_size_gb == 0
+    assert worker.resources.memory_gb == 4.0
 
 
 def test_jax_manifest_is_accepted():
@@ -249,13 +242,12 @@ def test_jax_manifest_is_accepted():
             """
         )
     )
-    spec = result["spec"]
-    assert spec["timeout"] == 86400
-    worker = spec["types"]["worker"]
-    assert worker["count"] == 2
-    assert worker["resources"]["memoryGB"] == 64.0
-    assert worker["resources"]["ramRatio"] is None
-    assert worker["resources"]["gpu"]["count"] == 1
+    assert result.spec.timeout == 86400
+    worker = result.spec.groups[0]
+    assert worker.count == 2
+    assert worker.resources.memory_gb == 64.0
+    assert worker.resources.ram_ratio is None
+    assert worker.resources.gpu.count == 1
 
 
 def test_jobset_with_two_groups_keeps_both_with_their_own_settings():
@@ -274,12 +266,12 @@ def test_jobset_with_two_groups_keeps_both_with_their_own_settings():
             """
         )
     )
-    types = result["spec"]["types"]
-    assert list(types) == ["worker-heavy", "worker"]
-    assert types["worker-heavy"]["resources"]["memoryGB"] == 120.0
-    assert types["worker-heavy"]["completions"] == 1
-    assert types["worker"]["completions"] == 4
-    assert types["worker"]["parallelisms"] == 1
+    heavy, worker = result.spec.groups
+    assert (heavy.name, worker.name) == ("worker-heavy", "worker")
+    assert heavy.resources.memory_gb == 120.0
+    assert heavy.completions == 1
+    assert worker.completions == 4
+    assert worker.parallelisms == 1
 
 
 def test_kuberay_head_stays_in_types_and_worker_pools_become_a_list():
@@ -306,20 +298,23 @@ def test_kuberay_head_stays_in_types_and_worker_pools_become_a_list():
             """
         )
     )
-    spec = result["spec"]
-    assert spec["rayVersion"] == "2.23.0"
-    assert list(spec["types"]) == ["Head"]
-    head = spec["types"]["Head"]
-    assert head["count"] == 1
-    assert head["rayStartParams"] == {
+    spec = result.spec
+    assert spec.ray_version == "2.23.0"
+    head = spec.group("Head")
+    assert head.count == 1
+    assert head.ray_start_params == {
         "object-store-memory": "1000000000",
         "dashboard-host": "0.0.0.0",
     }
-    assert [(w["name"], w["count"]) for w in spec["workers"]] == [
-        ("gpu-workers", 2),
-        ("cpu-workers", 0),  # worker pools default to empty
+    assert [(g.name, g.count, g.ray_pool) for g in spec.groups] == [
+        ("Head", 1, False),
+        ("gpu-workers", 2, True),
+        ("cpu-workers", 0, True),  # worker pools default to empty
     ]
-    assert spec["workers"][0]["resources"]["gpu"]["count"] == 2
+    assert spec.ray_pools[0].resources.gpu.count == 2
+    stored = result.to_dict()["spec"]
+    assert list(stored["types"]) == ["Head"]
+    assert [w["name"] for w in stored["workers"]] == ["gpu-workers", "cpu-workers"]
 
 
 def test_kuberay_without_worker_pools_is_a_head_only_cluster():
@@ -333,7 +328,8 @@ def test_kuberay_without_worker_pools_is_a_head_only_cluster():
             """
         )
     )
-    assert result["spec"]["workers"] == []
+    assert [g.name for g in result.spec.groups] == ["Head"]
+    assert result.to_dict()["spec"]["workers"] == []
 
 
 def test_batch_manifest_runs_one_process():
@@ -347,7 +343,7 @@ def test_batch_manifest_runs_one_process():
             """
         )
     )
-    assert result["spec"]["types"]["main"]["count"] == 1
+    assert [(g.name, g.count) for g in result.spec.groups] == [("main", 1)]
 
 
 def test_minimal_manifest_gets_every_default_filled_in():
@@ -365,7 +361,7 @@ def test_minimal_manifest_gets_every_default_filled_in():
           resources:
             ramRatio: 2
     """
-    assert parse_manifest(dedent(text)) == {
+    assert parse_manifest(dedent(text)).to_dict() == {
         "kind": "AIchorManifest",
         "apiVersion": "0.2.3",
         "builder": {
@@ -437,12 +433,12 @@ def test_fields_aichor_fills_in_or_ignores_are_accepted():
           resources: {memory: 2}
     """
     result = parse_manifest(dedent(text))
-    assert result["kind"] == "AIchorManifest"
-    assert result["apiVersion"] == "0.2.3"
-    assert result["builder"]["image"] == "evalimg"
-    assert result["builder"]["dockerfile"] == "docker/Dockerfile"
-    assert result["spec"]["env"] == {}
-    assert "name" not in result
+    assert result.kind == "AIchorManifest"
+    assert result.api_version == "0.2.3"
+    assert result.builder.image == "evalimg"
+    assert result.builder.dockerfile == "docker/Dockerfile"
+    assert result.spec.env == {}
+    assert "name" not in result.to_dict()
 
 
 def test_timeout_wins_over_active_deadline_seconds():
@@ -461,8 +457,8 @@ def test_timeout_wins_over_active_deadline_seconds():
         types: {worker: {resources: {memory: 1}}}
         """
     )
-    assert parse_manifest(both)["spec"]["timeout"] == 90
-    assert parse_manifest(only_deadline)["spec"]["timeout"] == 7200
+    assert parse_manifest(both).spec.timeout == 90
+    assert parse_manifest(only_deadline).spec.timeout == 7200
 
 
 def test_known_pvc_is_accepted():
@@ -476,7 +472,7 @@ def test_known_pvc_is_accepted():
         """
     )
     result = parse_manifest(text, known_pvcs={"team-data", "other"})
-    assert result["spec"]["storage"]["attachExistingPVCs"][0]["name"] == "team-data"
+    assert result.spec.storage.pvcs == [PvcMount("team-data", "/data")]
 
 
 def test_submodules_written_as_a_yaml_boolean_means_the_string():
@@ -484,7 +480,84 @@ def test_submodules_written_as_a_yaml_boolean_means_the_string():
         "operator: batch\ntypes: {worker: {resources: {memory: 1}}}",
         head="clone:\n  includeDotGit: true\n  submodules: true\n",
     )
-    assert parse_manifest(text)["clone"]["submodules"] == "true"
+    assert parse_manifest(text).clone.submodules == "true"
+
+
+# ------------------------------------------------------- the stored form and the totals
+
+# One manifest per operator, each with what its operator allows beyond the defaults.
+EVERY_OPERATOR = {
+    "batch": manifest_yaml("python main.py", extra_spec="  env: {A: b}\n  timeout: 1h\n"),
+    "jobset": manifest_yaml(
+        "python main.py",
+        operator="jobset",
+        types="    driver:\n      resources: {memory: 2}\n"
+        "    workers:\n      count: 3\n      completions: 4\n      parallelisms: 2\n"
+        "      resources: {cpus: 2, ramRatio: 2, accelerators: {tpu: {type: v5e, topology: 2x2, tpuChipsCount: 4}}}\n",
+    ),
+    "jax": manifest_yaml(
+        "python main.py", operator="jax", types="    worker:\n      count: 2\n      resources: {memory: 8}\n"
+    ),
+    "pytorch": PYTORCH_023,
+    "xgboost": manifest_yaml(
+        "python main.py",
+        operator="xgboost",
+        types="    Master:\n      resources: {cpus: 2, memory: 4}\n"
+        "    Worker:\n      count: 3\n      resources: {cpus: 4, ramRatio: 1, accelerators: {gpu: {count: 2}}}\n",
+    ),
+    "kuberay": manifest_yaml(
+        "python main.py",
+        operator="kuberay",
+        extra_spec='  rayVersion: "2.23.0"\n',
+        types="    Head:\n      resources: {cpus: 4, memory: 8}\n      rayStartParams: {num-cpus: 0}\n"
+        "    Workers:\n"
+        "      - name: cpu\n        count: 3\n        resources: {cpus: 2, ramRatio: 2}\n"
+        "      - name: gpu\n        count: 2\n        resources:\n          cpus: 8\n          memory: 32\n"
+        "          accelerators: {gpu: {count: 4, type: h100}}\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("operator", OPERATORS)
+def test_the_stored_form_reads_back_as_the_same_manifest(operator):
+    parsed = parse_manifest(EVERY_OPERATOR[operator], known_pvcs={"datasets"})
+    assert parsed.spec.operator == operator
+    stored = parsed.to_dict()
+    assert Manifest.from_dict(stored) == parsed
+    assert Manifest.from_dict(stored).to_dict() == stored
+
+
+def test_jobset_totals_count_only_the_completions_running_at_once():
+    totals = parse_manifest(EVERY_OPERATOR["jobset"]).totals()
+    # driver: 1 process; workers: count 3 × min(parallelisms 2, completions 4) = 6 at once.
+    assert totals.processes == 1 + 6
+    assert totals.cpus == 1 + 6 * 2
+    assert totals.memory_gb == 2 + 6 * 4
+    assert (totals.gpus, totals.tpu_chips) == (0, 6 * 4)
+
+
+def test_kuberay_totals_count_the_head_and_every_pool():
+    totals = parse_manifest(EVERY_OPERATOR["kuberay"]).totals()
+    assert totals.as_json() == {
+        "processes": 1 + 3 + 2,
+        "cpus": 4 + 3 * 2 + 2 * 8,
+        "gpus": 8,
+        "gpus_by_type": {"h100": 8},
+        "memory_gb": 8 + 3 * 4 + 2 * 32,
+        "tpu_chips": 0,
+    }
+    assert (totals.gpu_text, totals.gpu_short) == ("8 × H100", "8 × H100")
+
+
+def test_gpus_are_named_by_product_type_or_not_at_all():
+    # PYTORCH_023 writes AIchor's generic `type: gpu` with a product: the product names them.
+    pytorch = parse_manifest(PYTORCH_023).totals()
+    assert pytorch.gpus_by_type == {"A100-SXM4-80GB": 4}
+    assert pytorch.gpu_text == "4 × A100-SXM4-80GB"
+    assert pytorch.gpu_short == "4"  # too long for a table column
+    xgboost = parse_manifest(EVERY_OPERATOR["xgboost"]).totals()
+    assert (xgboost.gpus, xgboost.gpus_by_type, xgboost.gpu_text) == (6, {"": 6}, "6")
+    assert parse_manifest(EVERY_OPERATOR["batch"]).totals().gpu_text == "0"
 
 
 # ----------------------------------------------------------------- refused manifests
@@ -792,7 +865,7 @@ def test_unknown_pvc_is_refused():
         ("spec.storage.attachExistingPVCs[0].name: no persistent volume claim named 'x' in this project")
     ]
     # Without a project to check against (e.g. a CLI preview) the name is not checked.
-    assert parse_manifest(text)["spec"]["storage"]["attachExistingPVCs"][0]["name"] == "x"
+    assert [p.name for p in parse_manifest(text).spec.storage.pvcs] == ["x"]
 
 
 def test_two_volumes_on_one_mount_point_are_refused():

@@ -6,25 +6,23 @@ from django.test.utils import CaptureQueriesContext
 
 from experiments import services
 from experiments.logs import append_log
+from experiments.manifest import parse_manifest
 from experiments.models import Experiment, Status, StepName
 from projects.models import Engine
+from tests.helpers import manifest_yaml
 
 pytestmark = pytest.mark.django_db
 
 PERSONAS = [("admin_user", 200), ("member_user", 200), ("outsider_user", 404)]
-MANIFEST = {
-    "spec": {
-        "operator": "pytorch",
-        "env": {"LR": "3e-4"},
-        "types": {
-            "Master": {"count": 1, "resources": {"cpus": 4, "memory": 16}},
-            "Worker": {
-                "count": 2,
-                "resources": {"cpus": 8, "ramRatio": 2, "accelerators": {"gpu": {"count": 1, "type": "a100"}}},
-            },
-        },
-    }
-}
+MANIFEST_TEXT = manifest_yaml(
+    "python train.py",
+    operator="pytorch",
+    extra_spec='  env:\n    LR: "3e-4"\n',
+    types="    Master:\n      count: 1\n      resources: {cpus: 4, memory: 16}\n"
+    "    Worker:\n      count: 2\n      resources: {cpus: 8, ramRatio: 2, accelerators: {gpu: {count: 1, type: a100}}}\n",
+)
+# What Cloning stores for it.
+MANIFEST = parse_manifest(MANIFEST_TEXT).to_dict()
 
 
 def make_experiment(project, message="aichor[train.yaml]: try lr", **fields) -> Experiment:
@@ -56,7 +54,7 @@ def finished(project, status=Status.SUCCEEDED, **kwargs) -> Experiment:
 
 @pytest.fixture
 def experiment(project):
-    return make_experiment(project, manifest=MANIFEST, manifest_text="kind: AIchorManifest\n")
+    return make_experiment(project, manifest=MANIFEST, manifest_text=MANIFEST_TEXT)
 
 
 def as_user(client, request, persona):
@@ -94,8 +92,50 @@ def test_list_shows_columns_from_the_experiment_and_its_manifest(client, member_
     assert "researcher" in row
     assert "Created" in row and "Waiting" in row
     # 1×4 + 2×8 CPUs, 2 GPUs, 16 + 2×(8×2) GB
-    cells = [c.split("</td>")[0].strip() for c in row.split('<td class="num">')[1:]]
-    assert cells[:3] == ["20", "2", "48 GB"]
+    assert resource_cells(row) == ["20", "2 × A100", "48 GB"]
+
+
+def row_of(html: str, experiment: Experiment) -> str:
+    row = html[html.index(f'id="exp-{experiment.pk}"') :]
+    return row[: row.index("</tr>")]
+
+
+def resource_cells(row: str) -> list[str]:
+    """The CPUs, GPUs and memory cells of a table row."""
+    return [c.split("</td>")[0].strip() for c in row.split('<td class="num">')[1:4]]
+
+
+GPU_WORKERS = (
+    "    worker:\n      count: 2\n      resources: {cpus: 6, memory: 40, accelerators: {gpu: {count: 4, type: a100}}}\n"
+)
+KUBERAY = (
+    "    Head:\n      resources: {cpus: 4, memory: 8}\n"
+    "    Workers:\n"
+    "      - name: cpu\n        count: 3\n        resources: {cpus: 2, ramRatio: 2}\n"
+    "      - name: gpu\n        count: 2\n        resources: {cpus: 8, memory: 32, accelerators: {gpu: {count: 1}}}\n"
+)
+
+
+@pytest.mark.parametrize(
+    "operator,types,cells",
+    [
+        # 2 workers × 4 A100s, 2 × 6 CPUs, 2 × 40 GB
+        ("pytorch", GPU_WORKERS, ["12", "8 × A100", "80 GB"]),
+        # the head and both pools: 4 + 3×2 + 2×8 CPUs, 2×1 GPUs, 8 + 3×4 + 2×32 GB
+        ("kuberay", KUBERAY, ["26", "2", "84 GB"]),
+    ],
+)
+def test_list_counts_every_process_of_the_manifest(client, member_user, project, operator, types, cells):
+    text = manifest_yaml("python train.py", operator=operator, types=types)
+    experiment = make_experiment(project, manifest=parse_manifest(text).to_dict(), manifest_text=text)
+    unread = make_experiment(project)
+    client.force_login(member_user)
+    html = client.get("/p/vision/?engine=local").content.decode()
+    assert resource_cells(row_of(html, experiment)) == cells
+    assert 'title="known once the manifest is read">—</td>' in row_of(html, unread)
+    page = client.get(f"/experiments/{experiment.pk}/").content.decode()
+    cpus, gpus, memory = cells
+    assert f"<dt>Resources</dt><dd>{cpus} CPU · {gpus} GPU · {memory}</dd>" in page
 
 
 def test_list_puts_the_engine_in_the_url_and_remembers_it(client, member_user, project, db):

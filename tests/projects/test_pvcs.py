@@ -3,8 +3,9 @@
 import pytest
 
 from experiments.manifest import ManifestError, parse_manifest
+from experiments.manifest.types import PvcMount
 from projects.models import Engine, PersistentVolumeClaim
-from tests.conftest import manifest_yaml
+from tests.helpers import manifest_yaml
 
 URL = "/p/vision/pvcs/"
 
@@ -90,6 +91,7 @@ def test_manifest_knows_the_pvcs(project, k8s):
     PersistentVolumeClaim.objects.create(project=project, engine=k8s, name="cache", size_mib=10)
     spec = "  storage:\n    attachExistingPVCs:\n      - name: cache\n        mountPoint: /cache\n"
     known = set(project.pvcs.values_list("name", flat=True))
-    parse_manifest(manifest_yaml("true", extra_spec=spec), known_pvcs=known)
+    manifest = parse_manifest(manifest_yaml("true", extra_spec=spec), known_pvcs=known)
+    assert manifest.spec.storage.pvcs == [PvcMount("cache", "/cache")]
     with pytest.raises(ManifestError):
         parse_manifest(manifest_yaml("true", extra_spec=spec.replace("cache\n", "missing\n", 1)), known_pvcs=known)

@@ -3,8 +3,8 @@
 Pure Python on purpose: the webhook, the CLI preview and the pipeline all validate
 the same text, and tests must run without a database.
 
-The contract with callers: ``parse_manifest`` either returns a dict in which every
-field is present with its default filled in (so engines never guess), or raises
+The contract with callers: ``parse_manifest`` either returns a typed ``Manifest`` in
+which every field is present with its default filled in (so engines never guess), or raises
 ``ManifestError`` listing *every* problem as ``"path: message"``. Users fix a
 manifest in one push instead of one error per push, so validation keeps going
 after the first problem.
@@ -35,6 +35,8 @@ import re
 from typing import Any
 
 import yaml
+
+from experiments.manifest.types import Manifest
 
 OPERATORS = ("batch", "jobset", "jax", "pytorch", "xgboost", "kuberay")
 API_VERSIONS = ("0.2.3", "0.2.2", "0.2.1")
@@ -160,11 +162,16 @@ def parse_duration(value: str | int) -> int:
     return round(total)
 
 
-def parse_manifest(text: str, *, known_pvcs: set[str] | None = None) -> dict:
-    """Parse YAML text, validate, return a normalised dict with every default filled.
+def parse_manifest(text: str, *, known_pvcs: set[str] | None = None) -> Manifest:
+    """Parse YAML text, validate, return the typed manifest with every default filled.
 
     Raises ManifestError listing all problems (not just the first).
     """
+    return Manifest.from_dict(normalise(text, known_pvcs=known_pvcs))
+
+
+def normalise(text: str, *, known_pvcs: set[str] | None = None) -> dict:
+    """The validated manifest in its stored form (AIchor's key names, defaults filled)."""
     data = _load_yaml(text)
     validator = _Validator(known_pvcs)
     try:

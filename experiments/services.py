@@ -2,17 +2,15 @@
 transition table, an event row in the same transaction, and work enqueued after commit."""
 
 import logging
-import threading
-import time
-from collections import OrderedDict
-from datetime import timedelta
+from datetime import datetime, timedelta
+from uuid import UUID
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models.functions import Coalesce
 from django.utils import timezone
-from kombu.exceptions import OperationalError as KombuOperationalError
 
 from experiments.logs import append_log
+from experiments.manifest import Manifest
 from experiments.models import (
     ACTIVE_STATUSES,
     STATUS_TRANSITIONS,
@@ -27,6 +25,7 @@ from experiments.models import (
     WebhookDelivery,
     allowed_from,
 )
+from experiments.queue import enqueue
 from projects.models import Engine, Project
 
 log = logging.getLogger(__name__)
@@ -34,69 +33,6 @@ log = logging.getLogger(__name__)
 
 class ExperimentError(Exception):
     """A request the experiment's state or the project's setup does not allow."""
-
-
-class _BrokerOutage:
-    """Tasks the broker refused. What they were for is committed already, and reconcile's stale
-    check enqueues it again later; so the request that caused them still succeeds (202, see
-    queue_refused), and the outage is logged once a minute, not once per request."""
-
-    LOG_EVERY = 60.0
-    REMEMBER = 1000
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last_log: float | None = None
-        self._refused: OrderedDict[str, None] = OrderedDict()
-
-    def note(self, task_name: str, experiment_id, exc: Exception) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._refused[str(experiment_id)] = None
-            while len(self._refused) > self.REMEMBER:
-                self._refused.popitem(last=False)
-            quiet = self._last_log is not None and now - self._last_log < self.LOG_EVERY
-            if not quiet:
-                self._last_log = now
-        if not quiet:
-            log.error(
-                "the task queue is unreachable (%s: %s); %s of experiment %s waits for reconcile "
-                "(further failures are logged at most once a minute)",
-                type(exc).__name__,
-                exc,
-                task_name,
-                experiment_id,
-            )
-
-    def take(self, experiment_id) -> bool:
-        with self._lock:
-            if str(experiment_id) not in self._refused:
-                return False
-            del self._refused[str(experiment_id)]
-            return True
-
-
-_broker_outage = _BrokerOutage()
-
-
-def queue_refused(experiment_id) -> bool:
-    """Whether the broker refused this experiment's task, just now in this process; asking
-    forgets it. Enqueueing happens on commit, so ask after the service call returned."""
-    return _broker_outage.take(experiment_id)
-
-
-def _enqueue(task_name: str, experiment_id, **kwargs) -> None:
-    from experiments import tasks
-
-    task = getattr(tasks, task_name)
-
-    def send() -> None:
-        try:
-            task.apply_async(args=[str(experiment_id)], kwargs=kwargs)
-        except KombuOperationalError as exc:  # the broker is unreachable (after kombu's retries)
-            _broker_outage.note(task_name, experiment_id, exc)
-
-    transaction.on_commit(send)
 
 
 def create_experiment(
@@ -155,7 +91,7 @@ def create_experiment(
         Event.objects.create(
             experiment=experiment, kind=Event.Kind.STATUS, new=Status.CREATED, reason=reason, actor=author
         )
-        _enqueue("clone", experiment.id)
+        enqueue("clone", experiment.pk)
     return experiment
 
 
@@ -214,13 +150,13 @@ def record_ignored_delivery(*, project: Project, provider: str, delivery_id: str
         pass
 
 
-def _step_event(experiment_id, step: str, old: str, new: str, reason: str = "", actor=None) -> None:
+def _step_event(experiment_id: UUID, step: str, old: str, new: str, reason: str = "", actor=None) -> None:
     Event.objects.create(
         experiment_id=experiment_id, kind=Event.Kind.STEP, step=step, old=old, new=new, reason=reason, actor=actor
     )
 
 
-def _set_step(experiment_id, step: str, new: str, *, reason: str = "", actor=None) -> bool:
+def _set_step(experiment_id: UUID, step: str, new: str, *, reason: str = "", actor=None) -> bool:
     now = timezone.now()
     for old in allowed_from(STEP_TRANSITIONS, new):
         fields = {"status": new}
@@ -236,7 +172,9 @@ def _set_step(experiment_id, step: str, new: str, *, reason: str = "", actor=Non
     return False
 
 
-def begin_step(experiment_id, step: str, *, previous_outcome: str = StepStatus.SUCCEEDED, reason: str = "") -> bool:
+def begin_step(
+    experiment_id: UUID, step: str, *, previous_outcome: str = StepStatus.SUCCEEDED, reason: str = ""
+) -> bool:
     """Move an active experiment from the step before `step` into `step`. False when the
     experiment is no longer there to move (cancelled, failed, or already moved by a twin task),
     or, for Waiting → Cloning, when its engine has no free slot for its project yet."""
@@ -255,7 +193,7 @@ def begin_step(experiment_id, step: str, *, previous_outcome: str = StepStatus.S
     return True
 
 
-def _move_from_created(experiment_id, previous: str, step: str, now) -> bool:
+def _move_from_created(experiment_id: UUID, previous: str, step: str, now: datetime) -> bool:
     moved = Experiment.objects.filter(pk=experiment_id, status=Status.CREATED, current_step=previous).update(
         status=Status.PROCESSING,
         current_step=step,
@@ -288,7 +226,7 @@ def _plural(count: int, one: str, many: str) -> str:
     return f"{count} {one if count == 1 else many}"
 
 
-def _fill_slots(project_id, engine: Engine, *, own=None) -> tuple[bool, list]:
+def _fill_slots(project_id, engine: Engine, *, own: Experiment | None = None) -> tuple[bool, list[UUID]]:
     """Inside a transaction: start the oldest waiting experiments of (project, engine) that fit.
     Returns (whether `own` started, the others started, whose clone task the caller enqueues).
     When `own` does not fit, its waiting reason is recorded."""
@@ -323,7 +261,7 @@ def _fill_slots(project_id, engine: Engine, *, own=None) -> tuple[bool, list]:
     return own_started, others
 
 
-def _start_waiting(experiment_id, now) -> bool:
+def _start_waiting(experiment_id: UUID, now: datetime) -> bool:
     if not _move_from_created(experiment_id, StepName.WAITING, StepName.CLONING, now):
         return False
     _set_step(experiment_id, StepName.WAITING, StepStatus.SUCCEEDED)
@@ -331,7 +269,7 @@ def _start_waiting(experiment_id, now) -> bool:
     return True
 
 
-def _record_waiting(experiment_id, reason: str) -> None:
+def _record_waiting(experiment_id: UUID, reason: str) -> None:
     reason = reason[:300]
     # The heartbeat says "checked just now": reconcile leaves it alone for a while.
     if Experiment.objects.filter(pk=experiment_id, status=Status.CREATED, waiting_reason=reason).update(
@@ -355,7 +293,7 @@ def _record_waiting(experiment_id, reason: str) -> None:
     step_log(experiment_id, StepName.WAITING, reason)
 
 
-def _leave_waiting(experiment_id) -> bool:
+def _leave_waiting(experiment_id: UUID) -> bool:
     own = (
         Experiment.objects.filter(pk=experiment_id, status=Status.CREATED, current_step=StepName.WAITING)
         .select_related("engine")
@@ -363,15 +301,15 @@ def _leave_waiting(experiment_id) -> bool:
         .first()
     )
     if own is None:
-        return False  # cancelled, or already out of Waiting (a resumed task: see pipeline._enter)
+        return False  # cancelled, or already out of Waiting (a resumed task: see pipeline.common.enter)
     with transaction.atomic():
         started, others = _fill_slots(own.project_id, own.engine, own=own)
         for other in others:
-            _enqueue("clone", other)
+            enqueue("clone", other)
     return started
 
 
-def start_waiting_experiments(project_id, engine_id) -> list:
+def start_waiting_experiments(project_id, engine_id) -> list[UUID]:
     """Give freed slots to the oldest waiting experiments of (project, engine); the ids started."""
     engine = Engine.objects.filter(pk=engine_id).first()
     if engine is None:
@@ -379,28 +317,73 @@ def start_waiting_experiments(project_id, engine_id) -> list:
     with transaction.atomic():
         _started, others = _fill_slots(project_id, engine)
         for other in others:
-            _enqueue("clone", other)
+            enqueue("clone", other)
     return others
 
 
-def heartbeat(experiment_id) -> bool:
+def heartbeat(experiment_id: UUID) -> bool:
     """Tell reconcile the owning task is alive; False once the experiment is no longer active."""
     return bool(
         Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES).update(heartbeat_at=timezone.now())
     )
 
 
-def is_active(experiment_id) -> bool:
+def is_active(experiment_id: UUID) -> bool:
     return Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES).exists()
 
 
-def set_fields(experiment_id, **fields) -> bool:
-    """Record facts learned on the way (image, handle, manifest) on an active experiment."""
+# --- Facts the pipeline learns on the way: no transition, so no event row --------------------
+def record_commit(experiment_id: UUID, sha: str) -> bool:
+    """The commit a push without a sha resolved to. Learned once: a resumed clone fetches that
+    commit again, never the branch's newer head."""
+    return bool(
+        Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES, commit_sha="").update(commit_sha=sha)
+    )
+
+
+def record_manifest(experiment_id: UUID, manifest: Manifest | None, text: str) -> bool:
+    """The manifest as written, and its stored form once it is valid (None: the text alone, kept
+    so the page shows what was refused)."""
+    fields: dict = {"manifest_text": text}
+    if manifest is not None:
+        fields["manifest"] = manifest.to_dict()
     return bool(Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES).update(**fields))
 
 
+def record_image(experiment_id: UUID, image: str) -> bool:
+    """The image the build made or reused. False when the experiment left Building meanwhile
+    (cancelled, failed): it must go no further."""
+    building = Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES, current_step=StepName.BUILDING)
+    return bool(building.update(image=image))
+
+
+def record_submission(experiment_id: UUID, handle: dict, deadline: datetime | None, watch_state: dict) -> bool:
+    """The engine took the workload: keep its handle, the timeout's deadline and the watch's
+    starting bookkeeping. False when a cancel came first (the caller removes the workload)."""
+    return bool(
+        Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES).update(
+            handle=handle, deadline_at=deadline, watch_state=watch_state
+        )
+    )
+
+
+def save_watch_state(experiment_id: UUID, watch_state: dict, *, beat: bool = False) -> bool:
+    """The watch's log cursors and collected logs, so the next watch task resumes where this one
+    stopped; `beat` also tells reconcile the watch is alive."""
+    fields: dict = {"watch_state": watch_state}
+    if beat:
+        fields["heartbeat_at"] = timezone.now()
+    return bool(Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES).update(**fields))
+
+
+def record_handle(experiment_id: UUID, handle: dict) -> bool:
+    """The engine's handle as it now is: found again by a watch, or a debug hold's (whose
+    keep-alive copies of failed processes terminals open in)."""
+    return bool(Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES).update(handle=handle))
+
+
 def finish_experiment(
-    experiment_id,
+    experiment_id: UUID,
     new: str,
     *,
     reason: str = "",
@@ -458,12 +441,12 @@ def finish_experiment(
     return True
 
 
-def fail_experiment(experiment_id, reason: str, *, exit_code: int | None = None) -> bool:
+def fail_experiment(experiment_id: UUID, reason: str, *, exit_code: int | None = None) -> bool:
     done = finish_experiment(experiment_id, Status.FAILED, reason=reason, exit_code=exit_code)
     if done:
         # Whatever already runs on the engine goes: nothing outlives a failed experiment
         # (except under a debug hold, which the stop task honours).
-        _enqueue("stop", experiment_id)
+        enqueue("stop", experiment_id)
     return done
 
 
@@ -472,7 +455,7 @@ def cancel_experiment(experiment: Experiment, *, actor=None) -> None:
     if not finish_experiment(experiment.pk, Status.CANCELLED, reason=f"Cancelled by {who}", actor=actor):
         raise ExperimentError(f"experiment {experiment.short_id} is {experiment.status}: nothing to cancel")
     # The stop task removes whatever the engine runs; the clone/build loops notice on their own.
-    _enqueue("stop", experiment.pk)
+    enqueue("stop", experiment.pk)
     experiment.refresh_from_db()
 
 
@@ -504,13 +487,13 @@ def resubmit_experiment(experiment: Experiment, *, actor=None) -> Experiment:
     return new
 
 
-def record_action(experiment_id, reason: str, *, actor=None, data: dict | None = None) -> None:
+def record_action(experiment_id: UUID, reason: str, *, actor=None, data: dict | None = None) -> None:
     Event.objects.create(
         experiment_id=experiment_id, kind=Event.Kind.ACTION, reason=reason, actor=actor, data=data or {}
     )
 
 
-def step_log(experiment_id, step: str, text: str) -> None:
+def step_log(experiment_id: UUID, step: str, text: str) -> None:
     append_log(experiment_id, f"step:{step}", text if text.endswith("\n") else text + "\n")
 
 
@@ -519,12 +502,7 @@ def stale_active(seconds: float):
 
 
 # --- Debug hold (SPEC §7) ------------------------------------------------------------------
-def is_held(experiment: Experiment) -> bool:
-    """A failed experiment whose containers are kept for debugging right now."""
-    return bool(experiment.status == Status.FAILED and experiment.hold_until and experiment.hold_until > timezone.now())
-
-
-def hold_for_debugging(experiment_id, seconds: float) -> bool:
+def hold_for_debugging(experiment_id: UUID, seconds: float) -> bool:
     """Keep a failed experiment's processes for `seconds`; the stop task leaves them alone until
     release_hold (a person, or reconcile once hold_until has passed)."""
     until = timezone.now() + timedelta(seconds=seconds)
@@ -542,7 +520,7 @@ def hold_for_debugging(experiment_id, seconds: float) -> bool:
     return True
 
 
-def release_hold(experiment_id, *, actor=None, reason: str = "") -> bool:
+def release_hold(experiment_id: UUID, *, actor=None, reason: str = "") -> bool:
     """End a debug hold now and remove the kept processes. False when nothing was held."""
     who = actor.get_username() if actor else "the system"
     with transaction.atomic():
@@ -554,7 +532,7 @@ def release_hold(experiment_id, *, actor=None, reason: str = "") -> bool:
             reason=reason or f"debug hold released by {who}",
             actor=actor,
         )
-        _enqueue("stop", experiment_id)
+        enqueue("stop", experiment_id)
     return True
 
 

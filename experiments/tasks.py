@@ -1,23 +1,25 @@
 """Thin tasks: take an id, call one pipeline service. Not acks_late: a step that dies with its
 worker is resumed by reconcile instead of being redelivered as a twin of a still-running one."""
 
-import contextvars
 import functools
 from collections.abc import Callable
+from uuid import UUID
 
 from celery import shared_task
 from django.conf import settings
 
-from experiments import archives, pipeline, services
+from experiments import archives, pipeline, queue, services
+
+Step = Callable[[UUID], None]
 
 
-def fails_on_crash(step: str):
+def fails_on_crash(step: str) -> Callable[[Step], Step]:
     """A bug or an unreachable service must end the experiment with a reason, not leave it
     Processing until reconcile notices."""
 
-    def wrap(func):
+    def wrap(func: Step) -> Step:
         @functools.wraps(func)
-        def run(experiment_id: str) -> None:
+        def run(experiment_id: UUID) -> None:
             try:
                 func(experiment_id)
             except Exception as exc:
@@ -29,51 +31,30 @@ def fails_on_crash(step: str):
     return wrap
 
 
-# Clone, build and submit follow each other in the task that began them: a hop through the
-# broker costs ~15 ms, and two of them were a fifth of the time from a push to a started
-# container. Watching is not chained: it keeps its own task (and, later, its own queue). A
-# step resumed by reconcile arrives as a task of its own, as before.
-_chained: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("aichor_chained", default=None)
-CHAINED = ("build", "submit")
-
-
-def chain_next(task_name: str) -> bool:
-    """Called by pipeline._next: True when `task_name` will run right after the current step,
-    in this task, instead of through the broker."""
-    pending = _chained.get()
-    if pending is None or task_name not in CHAINED:
-        return False
-    pending.append(task_name)
-    return True
-
-
-def _run_chain(step: Callable[[str], None], experiment_id: str) -> None:
-    pending: list[str] = []
-    token = _chained.set(pending)
-    try:
+def _run_chain(step: Step, experiment_id: UUID) -> None:
+    """Run `step`, then the steps it chained (see queue.chain), in this task."""
+    with queue.chain() as pending:
         step(experiment_id)
         while pending:
             STEPS[pending.pop(0)](experiment_id)
-    finally:
-        _chained.reset(token)
 
 
 @fails_on_crash("Cloning")
-def _clone(experiment_id: str) -> None:
+def _clone(experiment_id: UUID) -> None:
     pipeline.run_clone(experiment_id)
 
 
 @fails_on_crash("Building")
-def _build(experiment_id: str) -> None:
+def _build(experiment_id: UUID) -> None:
     pipeline.run_build(experiment_id)
 
 
 @fails_on_crash("Submitting")
-def _submit(experiment_id: str) -> None:
+def _submit(experiment_id: UUID) -> None:
     pipeline.run_submit(experiment_id)
 
 
-STEPS: dict[str, Callable[[str], None]] = {"clone": _clone, "build": _build, "submit": _submit}
+STEPS: dict[str, Step] = {"clone": _clone, "build": _build, "submit": _submit}
 
 
 # Thread-pool workers enforce no time limit; the limits bound a prefork worker's chain as a whole.
@@ -81,28 +62,28 @@ STEPS: dict[str, Callable[[str], None]] = {"clone": _clone, "build": _build, "su
     name="experiments.clone",
     time_limit=settings.CLONE_TIMEOUT_SECONDS * 2 + settings.BUILD_TIMEOUT_SECONDS + 900,
 )
-def clone(experiment_id: str) -> None:
+def clone(experiment_id: UUID) -> None:
     _run_chain(_clone, experiment_id)
 
 
 @shared_task(name="experiments.build", time_limit=settings.BUILD_TIMEOUT_SECONDS + 900)
-def build(experiment_id: str) -> None:
+def build(experiment_id: UUID) -> None:
     _run_chain(_build, experiment_id)
 
 
 @shared_task(name="experiments.submit", time_limit=600)
-def submit(experiment_id: str) -> None:
+def submit(experiment_id: UUID) -> None:
     _run_chain(_submit, experiment_id)
 
 
 @shared_task(name="experiments.watch", time_limit=settings.WATCH_SLICE_SECONDS + 600)
 @fails_on_crash("Running")
-def watch(experiment_id: str) -> None:
+def watch(experiment_id: UUID) -> None:
     pipeline.run_watch(experiment_id)
 
 
 @shared_task(name="experiments.stop", time_limit=600)
-def stop(experiment_id: str) -> None:
+def stop(experiment_id: UUID) -> None:
     pipeline.stop(experiment_id)
 
 

@@ -30,7 +30,7 @@ from django.http import Http404
 from django.http.request import split_domain_port, validate_host
 from ninja.responses import NinjaJSONEncoder
 
-from experiments import services
+from experiments import queue, services
 from experiments.api import ArchiveParams, ExperimentOut, target_engine
 from experiments.models import Experiment
 from projects.access import get_project
@@ -148,7 +148,7 @@ def _params(scope: Scope) -> ArchiveParams:
 @database_sync_to_async
 def _target(user, slug: str, engine_name: str | None):
     try:
-        project = get_project(user, slug)
+        project, _ = get_project(user, slug)
     except Http404:
         raise Refusal(404, "Not Found") from None
     try:
@@ -172,7 +172,7 @@ def _create(project, engine, user, archive: str, params: ArchiveParams) -> tuple
     except services.ExperimentError as exc:
         raise Refusal(409, str(exc)) from None
     # 202 when the broker refused the task: the experiment is kept and reconcile starts it.
-    status = 202 if services.queue_refused(experiment.pk) else 201
+    status = 202 if queue.refused(experiment.pk) else 201
     return status, ExperimentOut.from_orm(experiment).model_dump()
 
 

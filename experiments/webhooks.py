@@ -19,7 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from aichor.lib.git import MAX_CLONE_URL, GitInputError, check_branch, check_clone_url, check_sha
-from experiments import services
+from experiments import queue, services
 from projects.models import Project
 
 # aichor[path]: message  or  aichor(path): message
@@ -181,7 +181,7 @@ def _receive(project: Project, provider: str, delivery_id: str, body: bytes, pus
         return JsonResponse(
             {"created": False, "reason": "this delivery, or the same signed body, was already received"}, status=200
         )
-    if services.queue_refused(experiment.pk):
+    if queue.refused(experiment.pk):
         reason = "the task queue is unreachable: the experiment is queued for reconcile, which starts it later"
         return JsonResponse({"created": True, "experiment": str(experiment.pk), "reason": reason}, status=202)
     return JsonResponse({"created": True, "experiment": str(experiment.pk)}, status=201)

@@ -1,0 +1,223 @@
+"""Cloning: fetch the code (Git or an uploaded archive) and validate its manifest."""
+
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from uuid import UUID
+
+from django.conf import settings
+from django.core.files.storage import default_storage
+
+from aichor.lib.git import GitInputError, check_branch, check_clone_url, check_sha, redact_credentials
+from experiments import services
+from experiments.engines.base import Cancelled
+from experiments.limits import check_processes
+from experiments.logs import LogWriter
+from experiments.manifest import Manifest, ManifestError, parse_manifest
+from experiments.models import Experiment, StepName
+from experiments.pipeline.common import Liveness, StepFailed, enter, inside, workdir_of
+from experiments.queue import next_step
+
+
+def _git_safety() -> list[str]:
+    """Config for every git call. `-c` settings reach child gits too (submodules), so a
+    .gitmodules URL cannot use ext:: (runs a command), nor file:// unless local repositories
+    are allowed (it would read the server's disk)."""
+    args = ["-c", "protocol.ext.allow=never"]
+    if not settings.ALLOW_LOCAL_REPOS:
+        args += ["-c", "protocol.file.allow=never"]
+    return args
+
+
+def _git(args: list[str], cwd: Path, writer: LogWriter, cancelled: Liveness, timeout: float) -> None:
+    """Callers put every value that came from outside after `--end-of-options` or `--`."""
+    writer.line(redact_credentials("$ git " + " ".join(args)))
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
+    proc = subprocess.Popen(
+        ["git", *_git_safety(), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                # wait() returns the moment git exits; the timeout only paces the cancel check.
+                proc.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if cancelled():
+                proc.kill()
+                raise Cancelled() from None
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise StepFailed(f"git {args[0]} took longer than {int(timeout)} s") from None
+    finally:
+        out = redact_credentials(proc.stdout.read().decode("utf-8", "replace") if proc.stdout else "")
+        writer.write(out)
+    if proc.returncode != 0:
+        raise StepFailed(f"git {args[0]} failed: {out.strip().splitlines()[-1] if out.strip() else proc.returncode}")
+
+
+def check_git_inputs(experiment: Experiment) -> None:
+    """Rows written before these rules existed (or by a path that skipped them) may hold a
+    hostile URL, sha or branch: refuse before git sees any of them."""
+    if not experiment.clone_url:
+        raise StepFailed("the project has no Git clone URL")
+    checks = [("clone URL", lambda: check_clone_url(experiment.clone_url, allow_local=settings.ALLOW_LOCAL_REPOS))]
+    if experiment.commit_sha:
+        checks.append(("commit sha", lambda: check_sha(experiment.commit_sha)))
+    if experiment.branch:
+        checks.append(("branch", lambda: check_branch(experiment.branch)))
+    for what, check in checks:
+        try:
+            check()
+        except GitInputError as exc:
+            raise StepFailed(f"refusing to fetch the code: invalid {what}: {exc}") from None
+
+
+def fetch_git(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: Liveness, depth: int = 1) -> None:
+    check_git_inputs(experiment)
+    timeout = settings.CLONE_TIMEOUT_SECONDS
+    dest.mkdir(parents=True, exist_ok=True)
+    _git(["init", "-q"], dest, writer, cancelled, timeout)
+    ref = experiment.commit_sha or experiment.branch or "HEAD"
+    # Fetching straight from the URL (no remote to configure) saves a git call per experiment.
+    try:
+        _git(
+            ["fetch", "-q", "--no-tags", f"--depth={depth}", "--end-of-options", experiment.clone_url, ref],
+            dest,
+            writer,
+            cancelled,
+            timeout,
+        )
+    except StepFailed:
+        if not experiment.commit_sha:
+            raise
+        # Some servers refuse fetching a bare sha: take the branch's history and look there.
+        writer.line("fetching the commit directly was refused; fetching the branch history instead")
+        _git(
+            ["fetch", "-q", "--no-tags", "--end-of-options", experiment.clone_url, experiment.branch or "HEAD"],
+            dest,
+            writer,
+            cancelled,
+            timeout,
+        )
+    _git(
+        # The revision is a checked hex sha or FETCH_HEAD, never an option; `--` ends the
+        # revisions (checkout mishandles --end-of-options in git 2.39).
+        ["-c", "advice.detachedHead=false", "checkout", "-q", experiment.commit_sha or "FETCH_HEAD", "--"],
+        dest,
+        writer,
+        cancelled,
+        timeout,
+    )
+    if not experiment.commit_sha:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=dest, capture_output=True, text=True).stdout.strip()
+        services.record_commit(experiment.pk, sha)
+        experiment.commit_sha = sha
+
+
+def unpack_archive(experiment: Experiment, dest: Path, writer: LogWriter) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    max_bytes, max_files = settings.MAX_UNPACKED_BYTES, settings.MAX_ARCHIVE_FILES
+
+    def within_limits(tar: tarfile.TarFile):
+        # A few MB of gzip can hold terabytes of zeros: every header is checked before its data
+        # is written, so a bomb stops at the limit instead of filling the worker's disk.
+        files = unpacked = 0
+        for member in tar:
+            files += 1
+            if files > max_files:
+                raise StepFailed(f"the archive holds more than {max_files} files (AICHOR_MAX_ARCHIVE_FILES)")
+            if member.isreg():
+                unpacked += member.size
+                if unpacked > max_bytes:
+                    raise StepFailed(f"the archive unpacks to more than {max_bytes} bytes (AICHOR_MAX_UNPACKED_BYTES)")
+            yield member
+
+    try:
+        with default_storage.open(experiment.archive, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+            # The "data" filter refuses absolute paths, "..", links out of the tree and devices.
+            tar.extractall(dest, members=within_limits(tar), filter="data")
+    except FileNotFoundError:
+        raise StepFailed(f"the uploaded archive {experiment.archive} is gone") from None
+    except (tarfile.TarError, OSError) as exc:
+        raise StepFailed(f"the uploaded archive cannot be unpacked: {exc}") from None
+    writer.line(f"unpacked archive {experiment.archive}")
+
+
+def fetch_code(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: Liveness) -> Manifest:
+    """Fetch the code and return the validated manifest (clone options are applied after
+    reading it: the first fetch is shallow and cheap)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    if experiment.source == Experiment.Source.ARCHIVE:
+        unpack_archive(experiment, dest, writer)
+    else:
+        fetch_git(experiment, dest, writer, cancelled)
+    manifest_file = inside(dest, experiment.manifest_path, "the manifest path")
+    if not manifest_file.is_file():
+        raise StepFailed(f"manifest {experiment.manifest_path} not found in the code")
+    text = manifest_file.read_text(errors="replace")
+    pvcs = set(experiment.project.pvcs.values_list("name", flat=True))
+    manifest = parse_manifest(text, known_pvcs=pvcs)
+    # Counted from the manifest's numbers, before anything plans one process per replica: a
+    # jobset of 1000 × 1000 must fail here, cheaply, never reach plan_processes.
+    too_many = check_processes(manifest, experiment.engine)
+    if too_many:
+        services.record_manifest(experiment.pk, None, text)
+        raise ManifestError([too_many])
+    services.record_manifest(experiment.pk, manifest, text)
+    clone = manifest.clone
+    if experiment.source == Experiment.Source.GIT:
+        timeout = settings.CLONE_TIMEOUT_SECONDS
+        if clone.include_dot_git:
+            # The workload sees an ordinary clone; relative submodule URLs resolve against it.
+            _git(["remote", "add", "--", "origin", experiment.clone_url], dest, writer, cancelled, timeout)
+        if clone.depth > 1:
+            args = [
+                "fetch",
+                "-q",
+                "--no-tags",
+                f"--depth={clone.depth}",
+                "--end-of-options",
+                experiment.clone_url,
+                experiment.commit_sha,
+            ]
+            _git(args, dest, writer, cancelled, timeout)
+        if clone.submodules != "false":
+            args = ["submodule", "update", "--init", f"--depth={clone.depth}"]
+            if clone.submodules == "recursive":
+                args.append("--recursive")
+            _git(args, dest, writer, cancelled, timeout)
+        if not clone.include_dot_git:
+            shutil.rmtree(dest / ".git", ignore_errors=True)
+    return manifest
+
+
+def run_clone(experiment_id: UUID) -> None:
+    experiment = enter(experiment_id, StepName.CLONING)
+    if experiment is None:
+        return
+    with LogWriter(experiment_id, f"step:{StepName.CLONING}") as writer:
+        try:
+            fetch_code(experiment, workdir_of(experiment_id), writer, Liveness(experiment_id))
+        except Cancelled:
+            writer.line("cancelled")
+            return
+        except ManifestError as exc:
+            writer.line(f"manifest {experiment.manifest_path} is invalid:")
+            for error in exc.errors:
+                writer.line(f"  {error}")
+            writer.flush()  # the reason is in the log before anyone sees Failed
+            services.fail_experiment(experiment_id, "Invalid manifest: " + "; ".join(exc.errors))
+            return
+        except StepFailed as exc:
+            writer.line(str(exc))
+            writer.flush()  # the reason is in the log before anyone sees Failed
+            services.fail_experiment(experiment_id, str(exc))
+            return
+        writer.line(f"manifest {experiment.manifest_path} is valid")
+    next_step("build", experiment_id)

@@ -1,0 +1,131 @@
+"""Completed: the outcome from the decisive processes, the final logs, a debug hold, and
+removing what an ended experiment left on its engine."""
+
+import itertools
+import shutil
+
+from experiments import services
+from experiments.engines import get_engine
+from experiments.engines.base import EngineError, ProcessInfo
+from experiments.logs import FLUSH_BYTES, LogWriter
+from experiments.models import Experiment, StepName, StepStatus
+from experiments.pipeline.common import log, workdir_of
+
+# At most this many engine reads per process in one poll of a watch: a workload printing
+# faster than that is caught up with at the end, never at the cost of noticing its exit.
+LOG_PIECES_PER_POLL = 8
+
+
+def watch_state_of(stored: dict | None, processes: list[ProcessInfo]) -> dict:
+    """The watch's bookkeeping (Experiment.watch_state): log cursors by process, processes whose
+    final logs are stored, and the decisive processes (the engine's say, when none is stored)."""
+    state = {"cursors": {}, "logs_collected": [], **(stored or {})}
+    state.setdefault("decisive", [p.name for p in processes if p.decisive])
+    return state
+
+
+def collect_logs(engine, experiment_id, handle: dict, state: dict, final: bool = False) -> bool:
+    """Append new output of every process to its stored log; True when anything was new.
+
+    Engines return a bounded piece per call (a workload printing gigabytes must not take the
+    worker's memory with it), so a burst is read in several calls: while pieces come big during
+    a watch (a few per poll, so status and cancel stay prompt), and until nothing is left once
+    the process has exited; then final_logs adds an unfinished last line. A process whose final
+    logs were taken is never read again (the stop task and a debug hold's release come later)."""
+    cursors, collected = state["cursors"], state["logs_collected"]
+    grew = False
+    for name in [p.name for p in engine.processes(handle)] if handle else []:
+        if name in collected:
+            continue
+        writer = None  # opened on the first new output: a quiet poll costs no query
+        try:
+            for _piece in itertools.count() if final else range(LOG_PIECES_PER_POLL):
+                lines, cursors[name] = engine.logs(handle, name, cursors.get(name))
+                text = "".join(lines)
+                del lines
+                if not text:
+                    break
+                writer = writer or LogWriter(experiment_id, f"process:{name}")
+                writer.write(text)
+                if not final and len(text) < FLUSH_BYTES:
+                    break
+            if final:
+                rest = "".join(engine.final_logs(handle, name, cursors.get(name)))
+                if rest:
+                    writer = writer or LogWriter(experiment_id, f"process:{name}")
+                    writer.write(rest)
+                collected.append(name)
+        finally:
+            if writer:
+                writer.close()
+                grew = True
+    return grew
+
+
+def decided(state: dict, states) -> tuple[bool, int | None, str] | None:
+    """(ok, exit code, reason) once the decisive processes tell, else None."""
+    by_name = {s.name: s for s in states}
+    decisive = state.get("decisive") or list(by_name)
+    if not decisive or not by_name:
+        return False, None, "the engine has no record of the workload"
+    for name in decisive:
+        state = by_name.get(name)
+        if state is None or state.phase == "missing":
+            return False, None, f"{name} disappeared from the engine"
+        if state.phase == "exited" and state.exit_code != 0:
+            return False, state.exit_code, f"{name} exited with code {state.exit_code}"
+    if all(by_name[name].phase == "exited" for name in decisive):
+        return True, 0, ""
+    return None
+
+
+def finish(experiment: Experiment, engine, handle: dict, state: dict, states) -> None:
+    ok, exit_code, reason = decided(state, states) or (False, None, "the workload stopped reporting")
+    outcome = StepStatus.SUCCEEDED if ok else StepStatus.FAILED
+    services.begin_step(experiment.pk, StepName.COMPLETED, previous_outcome=outcome, reason=reason)
+    manifest = experiment.typed_manifest
+    hold = None if ok or manifest is None else manifest.spec.debug.hold_on_failure
+    if handle and engine.processes(handle):
+        if not ok and not hold:
+            engine.cancel(handle)  # fail fast: the other ranks would wait for the dead one forever
+        collect_logs(engine, experiment.pk, handle, state, final=True)
+        services.save_watch_state(experiment.pk, state)  # the stop task must not read them again
+        if hold:
+            # After the final logs: the held handle points at keep-alive siblings with no output.
+            try:
+                handle = engine.hold(handle, hold)
+            except EngineError as exc:
+                services.step_log(experiment.pk, StepName.COMPLETED, f"debug hold not possible: {exc}")
+                hold = None
+                engine.cancel(handle)
+            else:
+                services.record_handle(experiment.pk, handle)
+    services.step_log(experiment.pk, StepName.COMPLETED, "logs collected" + (f"; {reason}" if reason else ""))
+    if ok:
+        services.finish_experiment(experiment.pk, "Succeeded", exit_code=exit_code)
+    else:
+        services.finish_experiment(
+            experiment.pk, "Failed", reason=reason, exit_code=exit_code, step_status=StepStatus.SUCCEEDED
+        )
+        if hold and services.hold_for_debugging(experiment.pk, hold):
+            services.step_log(experiment.pk, StepName.COMPLETED, f"spec.debug.holdOnFailure: processes kept {hold} s")
+    stop(experiment.pk)
+
+
+def stop(experiment_id) -> None:
+    """Remove what an ended experiment left on its engine, and its scratch folder."""
+    experiment = Experiment.objects.select_related("engine").filter(pk=experiment_id).first()
+    if not experiment or not experiment.is_terminal or experiment.is_held:
+        return  # a held experiment is stopped again by release_hold
+    try:
+        engine = get_engine(experiment.engine)
+        handle = experiment.handle or engine.find(str(experiment.pk))
+        if handle and engine.processes(handle):
+            engine.cancel(handle)
+            collect_logs(engine, experiment.pk, handle, watch_state_of(experiment.watch_state, []), final=True)
+            engine.cleanup(handle)
+        # Containers a racing submit created after the handle was read.
+        engine.cleanup_experiment(str(experiment.pk))
+    except EngineError as exc:
+        log.warning("could not clean up experiment %s: %s", experiment.pk, exc)
+    shutil.rmtree(workdir_of(experiment.pk), ignore_errors=True)

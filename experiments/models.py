@@ -4,8 +4,10 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
+from django.utils.functional import cached_property
 
-from projects.models import Engine, Project
+from experiments.manifest.types import Manifest
+from projects.models import Engine, Project, access_of
 
 
 class Status(models.TextChoices):
@@ -66,9 +68,12 @@ def allowed_from(table: dict[str, tuple[str, ...]], new: str) -> list[str]:
 
 class ExperimentQuerySet(models.QuerySet):
     def for_user(self, user) -> "ExperimentQuerySet":
-        if not user.is_authenticated:
+        """The experiments `user` may see, each with the user's `role` in its project annotated."""
+        access = access_of(user, to_project="project__")
+        if access is None:
             return self.none()
-        return self.filter(project__memberships__user=user)
+        where, role = access
+        return self.filter(where).annotate(role=role)
 
     def active(self) -> "ExperimentQuerySet":
         return self.filter(status__in=ACTIVE_STATUSES)
@@ -100,6 +105,9 @@ class Experiment(models.Model):
     image = models.CharField(max_length=500, blank=True)
     # What the engine needs to find the workload again: container ids, pids, namespace...
     handle = models.JSONField(null=True, blank=True)
+    # The pipeline's own bookkeeping while it watches: log cursors, processes whose final logs
+    # are stored, the decisive processes. Never the engine's: a handle is the engine's alone.
+    watch_state = models.JSONField(default=dict, blank=True)
     resubmitted_from = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="resubmissions"
     )
@@ -151,6 +159,25 @@ class Experiment(models.Model):
     @property
     def output_prefix(self) -> str:
         return f"output/{self.id}/"
+
+    @property
+    def is_held(self) -> bool:
+        """Failed, with its processes kept for debugging right now."""
+        return bool(self.status == Status.FAILED and self.hold_until and self.hold_until > timezone.now())
+
+    @property
+    def can_open_terminal(self) -> bool:
+        """The one rule for the terminal (SPEC §7), read by the page, its live update and the
+        terminal consumer: the workload runs, or a failure is held for debugging. Every engine
+        that can run a workload can exec into it (one that cannot run fails before Running)."""
+        running = self.status == Status.PROCESSING and self.current_step == StepName.RUNNING
+        return running or self.is_held
+
+    @cached_property
+    def typed_manifest(self) -> Manifest | None:
+        """The validated manifest as types (None until Cloning read it). The stored JSON is its
+        `to_dict()` form: rows written before the types existed load the same way."""
+        return Manifest.from_dict(self.manifest) if self.manifest else None
 
 
 class Step(models.Model):

@@ -17,11 +17,10 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.http import Http404
 
+from experiments.access import get_experiment
 from experiments.engines import get_engine
 from experiments.engines.base import Engine, EngineError, ExecSession, NotSupported
-from experiments.models import Experiment, Status, StepName
-from experiments.pipeline import handle_processes
-from projects.access import get_experiment
+from experiments.models import Status, StepName
 from projects.tokens import authenticate_token, bearer_of
 
 log = logging.getLogger(__name__)
@@ -57,20 +56,20 @@ def authorise(scope, experiment_id, process: str | None) -> tuple[Engine, dict, 
     if user is None:
         raise Refused(CLOSE_NOT_LOGGED_IN, "authenticate with an API token (Authorization: Bearer)")
     try:
-        experiment: Experiment = get_experiment(user, experiment_id)
+        experiment, _ = get_experiment(user, experiment_id)
     except Http404:
         raise Refused(CLOSE_NOT_FOUND, "no such experiment") from None
     if experiment.status != Status.PROCESSING or experiment.current_step != StepName.RUNNING:
         raise Refused(CLOSE_NOT_RUNNING, "the experiment is not running")
-    processes = handle_processes(experiment.handle or {})
-    if not processes:
-        raise Refused(CLOSE_NOT_RUNNING, "the experiment has no process yet")
-    if process and process not in processes:
-        raise Refused(CLOSE_BAD_PROCESS, f"no process {process}; it has {', '.join(processes)}")
     try:
         engine = get_engine(experiment.engine)
     except EngineError as exc:
         raise Refused(CLOSE_UNSUPPORTED, str(exc)) from None
+    processes = [p.name for p in engine.processes(experiment.handle)] if experiment.handle else []
+    if not processes:
+        raise Refused(CLOSE_NOT_RUNNING, "the experiment has no process yet")
+    if process and process not in processes:
+        raise Refused(CLOSE_BAD_PROCESS, f"no process {process}; it has {', '.join(processes)}")
     return engine, experiment.handle, process or processes[0]
 
 

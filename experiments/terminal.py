@@ -35,11 +35,10 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from experiments import services
-from experiments.engines import get_engine
+from experiments.access import get_experiment
+from experiments.engines import get_engine, process_names
 from experiments.engines.base import EngineError, ExecSession
 from experiments.models import Event, Experiment, Status, StepName
-from experiments.pipeline import handle_processes
-from projects.access import get_experiment, role_in
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +203,13 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     def _authorise(self, experiment_id, process: str, resuming: bool) -> None:
         try:
-            experiment = get_experiment(self.user, experiment_id)
+            experiment, _ = get_experiment(self.user, experiment_id)
         except Http404:
             raise Refused(CLOSE_NOT_FOUND) from None
-        if role_in(self.user, experiment.project) is None:
-            raise Refused(CLOSE_NOT_FOUND)
-        self.held = services.is_held(experiment)
-        if not (is_running(experiment) or self.held):
+        self.held = experiment.is_held
+        if not experiment.can_open_terminal:
             raise Refused(CLOSE_NOT_RUNNING)
-        processes = handle_processes(experiment.handle or {})
+        processes = process_names(experiment.engine, experiment.handle)
         process = process or (processes[0] if processes else "")
         if process not in processes:
             raise Refused(CLOSE_BAD_PROCESS)
@@ -347,7 +344,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     def _experiment_open(self) -> bool:
         experiment = Experiment.objects.filter(pk=self.experiment.pk).first()
-        return bool(experiment and (is_running(experiment) or services.is_held(experiment)))
+        return bool(experiment and (is_running(experiment) or experiment.is_held))
 
     async def _ended_message(self, shell_ended: bool = False) -> str:
         experiment = (
@@ -355,9 +352,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         )
         if experiment is None:
             return "the experiment was deleted"
-        if shell_ended and (is_running(experiment) or (self.held and services.is_held(experiment))):
+        if shell_ended and (is_running(experiment) or (self.held and experiment.is_held)):
             return "the shell exited"
-        if services.is_held(experiment) and not self.held:
+        if experiment.is_held and not self.held:
             # The process ended and a debug hold began: a new session opens in the held copy.
             return "the process ended; the experiment is held for debugging: reopen the terminal"
         return f"the experiment stopped ({experiment.status})"
@@ -464,6 +461,6 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 def release_hold_view(request: HttpRequest, experiment_id) -> HttpResponse:
     """The page's Release button: end a debug hold now (a held experiment is already Failed, so
     Cancel does not apply). Any member may release, as any member may cancel."""
-    experiment = get_experiment(request.user, experiment_id)
+    experiment, _ = get_experiment(request.user, experiment_id)
     services.release_hold(experiment.pk, actor=request.user)
     return redirect("experiment-detail", experiment.pk)

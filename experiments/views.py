@@ -1,7 +1,9 @@
 """Dashboard pages for experiments: the list, the experiment page and its log endpoints.
 
 Each live region is one partial that renders both inside the page and as the htmx poll answer;
-polls answer 286 (htmx: stop polling) once nothing they show can change any more."""
+polls answer htmx's stop-polling (286) once nothing they show can change any more."""
+
+from dataclasses import replace
 
 from django.conf import settings
 from django.contrib import messages
@@ -9,70 +11,28 @@ from django.contrib.auth.decorators import login_required
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
-from django_htmx.http import HttpResponseClientRedirect
+from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from experiments import logview, services
+from experiments.access import get_experiment
+from experiments.engines import get_engine, process_names
+from experiments.engines.base import EngineError
 from experiments.forms import ExperimentFilterForm, LogRangeForm, LogSearchForm
 from experiments.models import ACTIVE_STATUSES, STEP_ORDER, Experiment
-from projects.access import get_experiment, get_project, role_in
-from projects.models import Engine, Project, ProjectVariable
+from experiments.workload import Variable, environment, mount_point
+from projects.access import get_project
+from projects.views import remember
 
 PAGE_SIZE = 50
-HTMX_STOP_POLLING = 286
-# Names aichor sets itself (SPEC §5); shown first on the experiment page.
-AICHOR_VARIABLES = (
-    "AICHOR_INPUT_PATH",
-    "AICHOR_OUTPUT_PATH",
-    "AICHOR_TENSORBOARD_PATH",
-    "AICHOR_EXPERIMENT_ID",
-    "AICHOR_PROJECT_ID",
-    "AICHOR_EXPERIMENT_MESSAGE",
-    "VCS_SHA",
-)
-
-
-def remember(request: HttpRequest, project: Project, engine: Engine | None = None) -> None:
-    """Keep the user's last project and engine in the session (written only when they change,
-    so a poll does not cost a session UPDATE)."""
-    if request.session.get("project") != project.slug:
-        request.session["project"] = project.slug
-    if engine and request.session.get(f"engine:{project.slug}") != engine.name:
-        request.session[f"engine:{project.slug}"] = engine.name
-
-
-def resources_of(manifest: dict | None) -> dict | None:
-    """Total CPUs, GPUs and memory (GB) the manifest asks for, over every process."""
-    if not manifest:
-        return None
-    types = (manifest.get("spec") or {}).get("types") or {}
-    groups: list[tuple[int, dict]] = []
-    for name, group in types.items():
-        if isinstance(group, list):  # kuberay worker pools
-            groups += [(g.get("count") or 0, g.get("resources") or {}) for g in group]
-        elif isinstance(group, dict):
-            count = group.get("count")
-            groups.append((1 if count is None and name == "Head" else count or 0, group.get("resources") or {}))
-    cpus = gpus = memory = 0.0
-    for count, res in groups:
-        group_cpus = res.get("cpus") or 0
-        cpus += count * group_cpus
-        gpu = (res.get("accelerators") or {}).get("gpu") or {}
-        gpus += count * (gpu.get("count") or 0)
-        per_process = res.get("memory") or (res.get("ramRatio") or 0) * group_cpus
-        memory += count * per_process
-    return {"cpus": _number(cpus), "gpus": _number(gpus), "memory": _number(memory)}
-
-
-def _number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else round(value, 1)
 
 
 @login_required
 @require_GET
 def experiment_list(request: HttpRequest, slug: str) -> HttpResponse:
-    project = get_project(request.user, slug)
+    project, _ = get_project(request.user, slug)
     engines = list(project.engines.all())
     name = request.GET.get("engine")
     engine = next((e for e in engines if e.name == name), None)
@@ -114,7 +74,7 @@ def experiment_list(request: HttpRequest, slug: str) -> HttpResponse:
         next_url = f"{request.path}?{query.urlencode()}"
     for row in rows:
         row.project = project  # commit links need it: one project, not one query per row
-        row.resources = resources_of(row.manifest)
+        row.resources = row.typed_manifest.totals() if row.manifest else None
     any_active = (
         engine is not None
         and Experiment.objects.filter(project=project, engine=engine, status__in=ACTIVE_STATUSES).exists()
@@ -137,7 +97,8 @@ def experiment_list(request: HttpRequest, slug: str) -> HttpResponse:
         "public_url": settings.PUBLIC_URL,
     }
     if request.htmx:
-        return render(request, "experiments/_list_rows.html", context, status=200 if any_active else HTMX_STOP_POLLING)
+        rows_html = render_to_string("experiments/_list_rows.html", context, request)
+        return HttpResponse(rows_html) if any_active else HttpResponseStopPolling(rows_html)
     return render(request, "experiments/list.html", context)
 
 
@@ -152,64 +113,48 @@ def _live_context(request: HttpRequest, experiment: Experiment) -> dict:
         "can_cancel": experiment.status in ACTIVE_STATUSES,
         "can_resubmit": experiment.is_terminal,
         "poll": not experiment.is_terminal,
+        **_terminal_context(request, experiment),
     }
+
+
+def _terminal_context(request: HttpRequest, experiment: Experiment) -> dict:
+    """The terminal card lives outside the polled section (re-rendering it would cut an open
+    session). The section tells each update whether the page shows the card, so the update
+    adds it out of band once, when a terminal becomes possible."""
+    can_open = experiment.can_open_terminal
+    processes = process_names(experiment.engine, experiment.handle) if can_open else []
+    if not request.htmx:
+        return {"terminal_shown": can_open, "terminal_oob": False, "processes": processes}
+    # hx-vals of the section: in the query of a poll, in the body of a Cancel inside it.
+    shown = (request.POST if request.method == "POST" else request.GET).get("terminal_shown") == "1"
+    oob = can_open and not shown
+    return {"terminal_shown": shown or can_open, "terminal_oob": oob, "processes": processes if oob else []}
 
 
 def _render_live(request: HttpRequest, experiment: Experiment) -> HttpResponse:
-    context = _live_context(request, experiment)
-    return render(
-        request,
-        "experiments/_live.html",
-        context,
-        status=HTMX_STOP_POLLING if experiment.is_terminal else 200,
-    )
+    html = render_to_string("experiments/_live.html", _live_context(request, experiment), request)
+    return HttpResponseStopPolling(html) if experiment.is_terminal else HttpResponse(html)
 
 
-def injected_variables(experiment: Experiment) -> list[dict]:
-    """What the workload's environment holds (SPEC §5), sensitive project values masked."""
-    project = experiment.project
-    # The local engine runs on the server and sees the bucket folders; containers get mounts.
-    if experiment.engine.kind == Engine.Kind.LOCAL:
-        inputs = f"{settings.BUCKETS_ROOT}/{project.inputs_bucket}/"
-        outputs = f"{settings.BUCKETS_ROOT}/{project.outputs_bucket}/"
-    else:
-        inputs, outputs = "/mnt/aichor/inputs/", "/mnt/aichor/outputs/"
-    aichor = {
-        "AICHOR_INPUT_PATH": inputs,
-        "AICHOR_OUTPUT_PATH": f"{outputs}{experiment.output_prefix}",
-        "AICHOR_TENSORBOARD_PATH": f"{outputs}{experiment.output_prefix}tensorboard/",
-        "AICHOR_EXPERIMENT_ID": str(experiment.pk),
-        "AICHOR_PROJECT_ID": str(project.pk),
-        "AICHOR_EXPERIMENT_MESSAGE": experiment.message,
-        "VCS_SHA": experiment.commit_sha,
-    }
-    rows = [{"name": k, "value": v, "source": "aichor", "masked": False} for k, v in aichor.items()]
-    manifest_env = ((experiment.manifest or {}).get("spec") or {}).get("env") or {}
-    for var in project.variables.filter(kind=ProjectVariable.Kind.RUNTIME).only("name", "sensitive", "value"):
-        if var.name in aichor or var.name in manifest_env:
-            continue
-        rows.append(
-            {
-                "name": var.name,
-                "value": "" if var.sensitive else var.value,
-                "source": "project variable",
-                "masked": var.sensitive,
-            }
-        )
-    for name, value in manifest_env.items():
-        if name not in aichor:
-            rows.append({"name": name, "value": value, "source": "spec.env", "masked": False})
-    return rows
+def injected_variables(experiment: Experiment) -> list[Variable]:
+    """What every process's environment holds (SPEC §5), as the engine's processes see the
+    buckets: the very function the workload's environment comes from."""
+    try:
+        path_of = get_engine(experiment.engine).volume_path
+    except EngineError:
+        path_of = mount_point  # an engine this server cannot run: where a container would see them
+    # A sensitive value never reaches the template, let alone the page.
+    return [replace(v, value="") if v.sensitive else v for v in environment(experiment, path_of=path_of)[0]]
 
 
 @login_required
 @require_GET
 def experiment_detail(request: HttpRequest, experiment_id) -> HttpResponse:
-    experiment = get_experiment(request.user, experiment_id)
+    experiment, role = get_experiment(request.user, experiment_id)
     if request.htmx:
         return _render_live(request, experiment)
     remember(request, experiment.project, experiment.engine)
-    processes = list((experiment.handle or {}).get("containers") or (experiment.handle or {}).get("pids") or {})
+    processes = process_names(experiment.engine, experiment.handle)
     stored = logview.stream_names(experiment.pk)
     process_streams = sorted({*stored, *(f"process:{p}" for p in processes)} - {f"step:{s}" for s in STEP_ORDER})
     step_streams = [f"step:{s}" for s in STEP_ORDER if f"step:{s}" in stored]
@@ -220,11 +165,11 @@ def experiment_detail(request: HttpRequest, experiment_id) -> HttpResponse:
     context = {
         **_live_context(request, experiment),
         "engine": experiment.engine,
-        "role": role_in(request.user, experiment.project),
+        "role": role,
         "variables": injected_variables(experiment),
         "streams": streams,
         "initial_stream": initial,
-        "resources": resources_of(experiment.manifest),
+        "resources": experiment.typed_manifest.totals() if experiment.manifest else None,
         "resubmissions": list(experiment.resubmissions.only("id", "created_at", "status")),
         "ws_path": f"/ws/experiments/{experiment.pk}/logs/",
         "section": "experiments",
@@ -235,7 +180,7 @@ def experiment_detail(request: HttpRequest, experiment_id) -> HttpResponse:
 @login_required
 @require_POST
 def experiment_cancel(request: HttpRequest, experiment_id) -> HttpResponse:
-    experiment = get_experiment(request.user, experiment_id)
+    experiment, _ = get_experiment(request.user, experiment_id)
     try:
         services.cancel_experiment(experiment, actor=request.user)
     except services.ExperimentError as exc:
@@ -249,7 +194,7 @@ def experiment_cancel(request: HttpRequest, experiment_id) -> HttpResponse:
 @login_required
 @require_POST
 def experiment_resubmit(request: HttpRequest, experiment_id) -> HttpResponse:
-    experiment = get_experiment(request.user, experiment_id)
+    experiment, _ = get_experiment(request.user, experiment_id)
     try:
         new = services.resubmit_experiment(experiment, actor=request.user)
     except services.ExperimentError as exc:
@@ -265,7 +210,7 @@ def experiment_resubmit(request: HttpRequest, experiment_id) -> HttpResponse:
 @require_GET
 def log_lines(request: HttpRequest, experiment_id) -> JsonResponse:
     """Lines [start, end) of a stream: earlier lines on demand and the window around a search hit."""
-    experiment = get_experiment(request.user, experiment_id)
+    experiment, _ = get_experiment(request.user, experiment_id)
     form = LogRangeForm(request.GET)
     if not form.is_valid():
         return JsonResponse({"errors": form.errors}, status=400)
@@ -282,7 +227,7 @@ def log_lines(request: HttpRequest, experiment_id) -> JsonResponse:
 @login_required
 @require_GET
 def log_search(request: HttpRequest, experiment_id) -> HttpResponse:
-    experiment = get_experiment(request.user, experiment_id)
+    experiment, _ = get_experiment(request.user, experiment_id)
     form = LogSearchForm(request.GET)
     matches, truncated = [], False
     if form.is_valid():
@@ -294,7 +239,7 @@ def log_search(request: HttpRequest, experiment_id) -> HttpResponse:
 @login_required
 @require_GET
 def log_download(request: HttpRequest, experiment_id) -> StreamingHttpResponse:
-    experiment = get_experiment(request.user, experiment_id)
+    experiment, _ = get_experiment(request.user, experiment_id)
     stream = request.GET.get("stream", "")
     if not stream or stream not in logview.stream_names(experiment.pk):
         raise Http404("No such log")

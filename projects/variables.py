@@ -8,7 +8,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from experiments.pipeline import PROTECTED_VARS
+from aichor.lib.variables import PROTECTED_VARS
 from projects.access import get_project
 from projects.models import ProjectVariable
 from projects.services import delete_variable, set_variable
@@ -34,7 +34,7 @@ class VariableForm(forms.Form):
 @login_required
 @require_http_methods(["GET", "POST"])
 def variables(request: HttpRequest, slug: str) -> HttpResponse:
-    project = get_project(request.user, slug)
+    project, _ = get_project(request.user, slug)
     form = VariableForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         set_variable(project, **form.cleaned_data)
@@ -47,7 +47,7 @@ def variables(request: HttpRequest, slug: str) -> HttpResponse:
 @login_required
 @require_POST
 def variable_delete(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
-    project = get_project(request.user, slug)
+    project, _ = get_project(request.user, slug)
     if not delete_variable(project, pk):
         raise Http404("No such variable")
     return redirect("variables", slug=project.slug)

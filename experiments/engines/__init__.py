@@ -1,6 +1,7 @@
 """Engines keyed by kind. The Kubernetes engine is not built yet: its experiments fail at
-Submitting with a clear reason rather than pretending to run. The local engine exists only when
-AICHOR_LOCAL_ENGINE=true: its experiments fail at the first step that needs it otherwise."""
+Building (the first step that asks for the engine) with a clear reason rather than pretending
+to run. The local engine exists only when AICHOR_LOCAL_ENGINE=true: its experiments fail at
+the first step that needs it otherwise."""
 
 from django.conf import settings
 
@@ -20,3 +21,14 @@ def get_engine(engine_model) -> Engine:
     if cls is LocalEngine and not settings.LOCAL_ENGINE:
         raise EngineError(DISABLED)
     return cls(engine_model.config)
+
+
+def process_names(engine_model, handle: dict | None) -> list[str]:
+    """The names of an experiment's processes, for the pickers of the terminal, logs and
+    port-forward; none before Submitting or on an engine this server cannot run."""
+    if not handle:
+        return []
+    try:
+        return [process.name for process in get_engine(engine_model).processes(handle)]
+    except EngineError:
+        return []

@@ -1,8 +1,11 @@
-"""The engine interface. An experiment is a set of named processes (worker-0, master-0, head,
-submitter...), so status, logs, exec and cancel take a process name. One module per kind."""
+"""The engine interface. An engine receives a Workload and runs it as a set of named processes
+(worker-0, master-0, head, submitter...), so status, logs, exec and cancel take a process name.
+Only the engine reads its handle. One module per kind."""
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from experiments.workload import Volume, Workload, mount_point
 
 
 class EngineError(Exception):
@@ -21,14 +24,14 @@ def never() -> bool:
     return False
 
 
-@dataclass
-class ProcessSpec:
-    name: str  # unique within the experiment: "worker-0", "master-0", "head", "submitter"
-    command: str
-    env: dict[str, str]
-    resources: dict = field(default_factory=dict)
-    # Only decisive processes' exit codes decide the outcome (a Ray head is not decisive).
-    decisive: bool = True
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A process as the pickers and the pipeline see it, whatever the engine."""
+
+    name: str
+    role: str
+    decisive: bool
+    target: str  # what the engine runs it as, for display: a container, a pid, a pod
 
 
 @dataclass
@@ -36,13 +39,6 @@ class ProcessState:
     name: str
     phase: str  # "pending", "running", "exited", "missing"
     exit_code: int | None = None
-
-
-@dataclass
-class Mount:
-    source: str  # host path
-    target: str  # path inside the process
-    read_only: bool = False
 
 
 class ExecSession:
@@ -100,25 +96,29 @@ class Engine:
         log: Callable[[str], None],
         cancelled: Callable[[], bool],
     ) -> str:
+        """Build the image `tag` from `context_dir` and return the reference to run."""
         raise NotImplementedError
 
     def image_exists(self, image: str) -> bool:
+        """Whether the engine can run `image` without building it."""
         raise NotImplementedError
 
-    def submit(
-        self,
-        *,
-        experiment_id: str,
-        image: str,
-        processes: list[ProcessSpec],
-        mounts: list[Mount],
-        workdir: str | None,
-        log: Callable[[str], None],
-        cancelled: Callable[[], bool] = never,
-    ) -> dict:
-        """Start every process; return a JSON-able handle to find them again. `cancelled` is
-        asked between two process creations: when it says so, everything created so far is
-        removed and Cancelled raised (a 1000-process manifest must not outlive its Cancel)."""
+    def volume_path(self, volume: Volume) -> str:
+        """Where this engine's processes find `volume` (its injected paths name it so)."""
+        return mount_point(volume)
+
+    def warnings_for(self, workload: Workload) -> list[str]:
+        """What this engine cannot honour in the workload, for the step log."""
+        return []
+
+    def submit(self, workload: Workload, *, log: Callable[[str], None], cancelled: Callable[[], bool] = never) -> dict:
+        """Start every process of `workload` and return a JSON-able handle to find them again."""
+        # `cancelled` is asked between two process creations: once it says so, what was created
+        # is removed and Cancelled raised (a 1000-process manifest must not outlive its Cancel).
+        raise NotImplementedError
+
+    def processes(self, handle: dict) -> list[ProcessInfo]:
+        """The processes behind `handle`: name, role, whether decisive, and what runs it."""
         raise NotImplementedError
 
     def find(self, experiment_id: str) -> dict | None:
@@ -126,6 +126,7 @@ class Engine:
         raise NotImplementedError
 
     def status(self, handle: dict) -> list[ProcessState]:
+        """Each process's phase, and its exit code once it exited."""
         raise NotImplementedError
 
     def logs(self, handle: dict, process: str, cursor: int | None = None) -> tuple[list[str], int | None]:
@@ -137,18 +138,17 @@ class Engine:
         return self.logs(handle, process, cursor)[0]
 
     def exec(self, handle: dict, process: str, *, command: list[str], tty: bool = True) -> ExecSession:
+        """A session running `command` inside `process` (a terminal when `tty`)."""
         raise NotImplementedError
 
     def port_forward(self, handle: dict, process: str, port: int) -> ExecSession:
-        """A byte stream to TCP `port` as `process` sees it on 127.0.0.1: inside the
-        experiment's own network namespace, never the server's loopback. EngineError when it
-        cannot be opened (the message says why, for the user); a connection refused later is
-        reported by the session's failure()."""
+        """A byte stream to TCP `port` on the loopback `process` sees, never the server's."""
+        # EngineError when it cannot be opened (the message says why, for the user); a
+        # connection refused later is reported by the session's failure().
         raise NotSupported(f"port-forward is not available on {self.kind} engines")
 
     def hold(self, handle: dict, seconds: float) -> dict:
-        """Debug hold: keep a failed experiment's processes, exited ones included, reachable by
-        exec for `seconds`; returns the handle to use meanwhile (cleanup removes it all)."""
+        """Keep a failed experiment's processes reachable by exec for `seconds`; the handle to use meanwhile."""
         raise EngineError(f"the {self.kind} engine cannot hold failed processes for debugging")
 
     def cancel(self, handle: dict) -> None:
@@ -160,11 +160,8 @@ class Engine:
         raise NotImplementedError
 
     def cleanup_experiment(self, experiment_id: str) -> None:
+        """Remove whatever the engine still has of an experiment, its handle known or not."""
         handle = self.find(experiment_id)
         if handle:
             self.cancel(handle)
             self.cleanup(handle)
-
-    def warnings_for(self, processes: list[ProcessSpec]) -> list[str]:
-        """What this engine cannot honour in the requested resources, for the step log."""
-        return []

@@ -29,15 +29,9 @@ from docker.types import DeviceRequest
 from docker.types import Mount as DockerMount
 
 from experiments.engines import buildah
-from experiments.engines.base import (
-    Cancelled,
-    Engine,
-    EngineError,
-    ExecSession,
-    ProcessSpec,
-    ProcessState,
-    never,
-)
+from experiments.engines.base import Cancelled, EngineError, ExecSession, ProcessState
+from experiments.engines.single_host import Mount, ProcessSpec, SingleHostEngine, described
+from experiments.workload import Workload
 
 LABEL = "aichor.experiment"
 BUILD_KEY_LABEL = "aichor.build-key"
@@ -48,6 +42,8 @@ _CLIENTS: dict[str, docker.DockerClient] = {}
 _INFO_CACHE: dict[str, tuple[float, dict]] = {}
 INFO_TTL = 60.0
 PROCESS_LABEL = "aichor.process"
+ROLE_LABEL = "aichor.role"
+DECISIVE_LABEL = "aichor.decisive"  # "true" or "false": find() tells the decisive processes again
 HOLD_LABEL = "aichor.hold"  # containers and images made for a debug hold
 NETNS_LABEL = "aichor.netns"  # the container holding an experiment's network namespace
 DEFAULT_NETWORK = "bridge"
@@ -106,8 +102,9 @@ def parse_ts_ns(stamp: str) -> int:
     return seconds * 1_000_000_000 + int((frac or "0").ljust(9, "0")[:9])
 
 
-class DockerEngine(Engine):
+class DockerEngine(SingleHostEngine):
     kind = "docker"
+    targets_key = "containers"
 
     def __init__(self, config: dict | None = None) -> None:
         super().__init__(config)
@@ -261,19 +258,19 @@ class DockerEngine(Engine):
             return False
 
     # --- run -----------------------------------------------------------------------------
-    def warnings_for(self, processes: list[ProcessSpec]) -> list[str]:
+    def warnings_for(self, workload: Workload) -> list[str]:
         warnings = set()
-        for proc in processes:
-            res = proc.resources or {}
-            if res.get("tpu"):
+        for group in (g for g in workload.groups if g.replicas):
+            res = group.resources
+            if res.tpu:
                 warnings.add("a Docker host has no TPUs: accelerators.tpu ignored")
-            if res.get("extraSelectors"):
+            if res.extra_selectors:
                 warnings.add("a Docker host has no node selectors: extraSelectors ignored")
-            if res.get("extraTolerations"):
+            if res.extra_tolerations:
                 warnings.add("a Docker host has no tolerations: extraTolerations ignored")
-            if res.get("rdma"):
+            if res.rdma:
                 warnings.add("RDMA devices are not passed through on a Docker host: rdma ignored")
-            if (res.get("gpu") or {}).get("count") and not self._has_gpu_runtime():
+            if res.gpus and not self._has_gpu_runtime():
                 warnings.add("this Docker host has no NVIDIA runtime: GPUs ignored")
         return sorted(warnings)
 
@@ -295,7 +292,8 @@ class DockerEngine(Engine):
         info = self._info()
         return int(info.get("NCPU") or os.cpu_count() or 1), int(info.get("MemTotal") or 0)
 
-    def submit(self, *, experiment_id, image, processes, mounts, workdir, log, cancelled=never) -> dict:
+    def start(self, workload: Workload, processes: list[ProcessSpec], mounts: list[Mount], *, log, cancelled) -> dict:
+        experiment_id, image = workload.experiment_id, workload.image
         # A retried submit must not start twins (hold images only exist after a run: not here).
         self._remove_containers(experiment_id)
         ncpu, _mem = self._host_limits()
@@ -315,17 +313,17 @@ class DockerEngine(Engine):
             for proc in processes:
                 if cancelled():
                     raise Cancelled()
-                res = proc.resources or {}
+                res = proc.resources
                 kwargs: dict = {}
-                cpus = float(res.get("cpus") or 0) * float(res.get("cpuLimitRatio") or 1)
+                cpus = float(res.cpus or 0) * float(res.cpu_limit_ratio or 1)
                 if cpus:
                     # The daemon refuses a limit above the host's cores; a laptop still runs it.
                     kwargs["nano_cpus"] = int(min(cpus, ncpu) * 1e9)
-                if res.get("memoryGB"):
-                    kwargs["mem_limit"] = int(float(res["memoryGB"]) * 1024**3)
-                if res.get("shmSizeGB"):
-                    kwargs["shm_size"] = int(float(res["shmSizeGB"]) * 1024**3)
-                gpus = (res.get("gpu") or {}).get("count") or 0
+                if res.memory_gb:
+                    kwargs["mem_limit"] = int(float(res.memory_gb) * 1024**3)
+                if res.shm_size_gb:
+                    kwargs["shm_size"] = int(float(res.shm_size_gb) * 1024**3)
+                gpus = res.gpus
                 if gpus and gpu_ok:
                     kwargs["device_requests"] = [DeviceRequest(count=int(gpus), capabilities=[["gpu"]])]
                 # The low-level API: the high-level one inspects after every call.
@@ -341,7 +339,12 @@ class DockerEngine(Engine):
                     entrypoint=["/bin/sh", "-c"],
                     command=[proc.command],
                     name=name,
-                    labels={LABEL: experiment_id, PROCESS_LABEL: proc.name},
+                    labels={
+                        LABEL: experiment_id,
+                        PROCESS_LABEL: proc.name,
+                        ROLE_LABEL: proc.role,
+                        DECISIVE_LABEL: "true" if proc.decisive else "false",
+                    },
                     environment=proc.env,
                     host_config=host_config,
                     detach=True,
@@ -371,7 +374,8 @@ class DockerEngine(Engine):
                 log(f"cancelled: removed the {len(containers)} container(s) created so far\n")
                 raise Cancelled() from None
             raise EngineError(f"could not start the containers: {_explain(exc)}") from None
-        return {"containers": containers, "netns": netns or next(iter(containers.values()), None)}
+        netns = netns or next(iter(containers.values()), None)
+        return {"containers": containers, "netns": netns, **described(processes)}
 
     def _discard(self, handle: dict) -> None:
         try:
@@ -401,6 +405,11 @@ class DockerEngine(Engine):
         if not processes:
             return None
         handle: dict = {"containers": {c["Labels"].get(PROCESS_LABEL, c["Id"]): c["Id"] for c in processes}}
+        if all(DECISIVE_LABEL in c["Labels"] for c in processes):
+            handle["roles"] = {c["Labels"][PROCESS_LABEL]: c["Labels"].get(ROLE_LABEL, "") for c in processes}
+            handle["decisive"] = [
+                c["Labels"][PROCESS_LABEL] for c in processes if c["Labels"][DECISIVE_LABEL] == "true"
+            ]
         netns = [c["Id"] for c in found if NETNS_LABEL in c["Labels"]]
         if netns or len(handle["containers"]) == 1:
             # A lone process owns its namespace (see submit).
@@ -516,7 +525,12 @@ class DockerEngine(Engine):
                     entrypoint=["sleep"],
                     command=[str(int(seconds) + 60)],
                     name=f"aichor-{experiment_id[:8]}-{name}-held-{os.urandom(2).hex()}",
-                    labels={LABEL: experiment_id, PROCESS_LABEL: name, HOLD_LABEL: experiment_id},
+                    labels={
+                        LABEL: experiment_id,
+                        PROCESS_LABEL: name,
+                        HOLD_LABEL: experiment_id,
+                        **{k: v for k, v in container.labels.items() if k in (ROLE_LABEL, DECISIVE_LABEL)},
+                    },
                     environment=config.get("Env") or [],
                     working_dir=config.get("WorkingDir") or None,
                     # The experiment's namespace, which outlives its processes: the held copy

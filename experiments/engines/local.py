@@ -19,7 +19,16 @@ from pathlib import Path
 
 from django.conf import settings
 
-from experiments.engines.base import Cancelled, Engine, EngineError, ExecSession, ProcessState, never
+from experiments.engines.base import Cancelled, EngineError, ExecSession, ProcessState
+from experiments.engines.single_host import (
+    BUCKET_KINDS,
+    Mount,
+    ProcessSpec,
+    SingleHostEngine,
+    bucket_dir,
+    described,
+)
+from experiments.workload import Volume, Workload
 
 # Popen objects of processes this worker started, so finished children are reaped.
 _children: dict[int, subprocess.Popen] = {}
@@ -33,9 +42,10 @@ INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 LOG_BUDGET_BYTES = 4 * 1024 * 1024
 
 
-class LocalEngine(Engine):
+class LocalEngine(SingleHostEngine):
     kind = "local"
     needs_image = False
+    targets_key = "pids"
 
     def _root(self) -> Path:
         return Path(self.config.get("root") or settings.LOCAL_ENGINE_DIR)
@@ -43,10 +53,20 @@ class LocalEngine(Engine):
     def image_exists(self, image: str) -> bool:
         return True
 
-    def submit(self, *, experiment_id, image, processes, mounts, workdir, log, cancelled=never) -> dict:
+    def volume_path(self, volume: Volume) -> str:
+        # Nothing to bind: processes on the server's host see the bucket folders themselves.
+        return str(bucket_dir(volume)) if volume.kind in BUCKET_KINDS else volume.mount_point
+
+    def mounts(self, workload: Workload) -> list[Mount]:
+        return []
+
+    def start(self, workload: Workload, processes: list[ProcessSpec], mounts: list[Mount], *, log, cancelled) -> dict:
+        experiment_id = workload.experiment_id
         self.cleanup_experiment(experiment_id)
         root = self._root() / experiment_id
         root.mkdir(parents=True, exist_ok=True)
+        # The clone step's scratch folder (pipeline.common.workdir_of): processes start in the code.
+        workdir = Path(settings.WORK_DIR) / experiment_id
         pids = {}
         for proc in processes:
             if cancelled():
@@ -54,10 +74,9 @@ class LocalEngine(Engine):
                 shutil.rmtree(root, ignore_errors=True)
                 raise Cancelled()
             env = {**clean_environment(), **proc.env}
-            # Mounts become environment paths on the host itself: nothing to bind.
             child = subprocess.Popen(
                 ["sh", "-c", WRAPPER, proc.command, str(root / f"{proc.name}.log"), str(root / f"{proc.name}.exit")],
-                cwd=workdir or str(root),
+                cwd=str(workdir if workdir.is_dir() else root),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -67,18 +86,23 @@ class LocalEngine(Engine):
             _children[child.pid] = child
             pids[proc.name] = child.pid
             log(f"started {proc.name} as pid {child.pid}\n")
-        (root / "handle").write_text("".join(f"{name} {pid}\n" for name, pid in pids.items()))
-        return {"dir": str(root), "pids": pids}
+        # With each process's role and decisiveness: find() must tell them again after a restart.
+        lines = [f"{p.name} {pids[p.name]} {p.role or '-'} {int(p.decisive)}\n" for p in processes]
+        (root / "handle").write_text("".join(lines))
+        return {"dir": str(root), "pids": pids, **described(processes)}
 
     def find(self, experiment_id: str) -> dict | None:
         root = self._root() / experiment_id
         if not (root / "handle").exists():
             return None
-        pids = {}
+        handle: dict = {"dir": str(root), "pids": {}, "roles": {}, "decisive": []}
         for line in (root / "handle").read_text().splitlines():
-            name, _, pid = line.partition(" ")
-            pids[name] = int(pid)
-        return {"dir": str(root), "pids": pids}
+            name, pid, role, decisive = [*line.split(" "), "", "1"][:4]
+            handle["pids"][name] = int(pid)
+            handle["roles"][name] = "" if role == "-" else role
+            if decisive == "1":
+                handle["decisive"].append(name)
+        return handle
 
     def status(self, handle: dict) -> list[ProcessState]:
         root = Path(handle["dir"])

@@ -10,8 +10,8 @@ from datasets import services
 from experiments import logs
 from experiments.models import Experiment, Status
 from projects.services import create_project
-from tests.conftest import TEST_IMAGE, github_push, manifest_yaml, wait_for
 from tests.datasets.conftest import downloaded, use_s3
+from tests.helpers import TEST_IMAGE, github_push, manifest_yaml, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

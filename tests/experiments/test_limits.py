@@ -12,10 +12,10 @@ from django.utils import timezone
 from django.utils.html import escape
 
 from experiments import logs, pipeline, services
-from experiments.limits import DEFAULTS, engine_limit, processes_at_once
+from experiments.limits import DEFAULTS, check_processes, check_started, engine_limit, processes_at_once
 from experiments.manifest import parse_manifest
 from experiments.models import Event, Experiment, Status, StepName, StepStatus
-from tests.conftest import github_push, manifest_yaml, wait_for
+from tests.helpers import github_push, manifest_yaml, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -83,11 +83,26 @@ def test_processes_at_once_follow_each_operator(operator, types, expected):
     assert sum(count for _path, count in processes_at_once(manifest)) == expected
 
 
+def test_a_single_host_start_counts_every_completion_of_the_manifest(local_engine):
+    # 20 jobs × 10 completions, 2 at a time: 40 by the manifest, 200 on a host that starts them all.
+    manifest = parse_manifest(
+        manifest_yaml("true", operator="jobset", types=jobset(20, completions=10, parallelisms=2))
+    )
+    assert check_processes(manifest, local_engine) is None
+    assert check_started(manifest, local_engine) == (
+        "spec.types: engine local starts every completion at once, 200 processes, "
+        "over its limit of 128 (max_processes_per_experiment)"
+    )
+    pytorch = parse_manifest(manifest_yaml("true", operator="pytorch", types=types_of(worker="      count: 200\n")))
+    assert check_started(pytorch, local_engine) is None  # counted whole at Cloning already
+    assert check_processes(pytorch, local_engine).startswith("spec.types.worker.count: 200 processes at once")
+
+
 def test_worker_count_1000_fails_at_cloning_naming_the_limit(
     client, project, git_repo, member_user, celery_worker_thread, monkeypatch
 ):
     planned = []
-    monkeypatch.setattr(pipeline, "plan_processes", lambda *a, **k: planned.append(a) or [])
+    monkeypatch.setattr("experiments.engines.single_host.plan_processes", lambda *a, **k: planned.append(a) or [])
     message = "aichor[train.yaml]: a thousand workers"
     types = types_of(worker="      count: 1000\n")
     sha = git_repo.commit({MANIFEST: manifest_yaml("true", operator="pytorch", types=types)}, message)
@@ -114,7 +129,7 @@ def test_jobset_of_a_million_processes_fails_without_planning_them(project, git_
     def never(*args, **kwargs):
         raise AssertionError("plan_processes reached for a manifest over the limit")
 
-    monkeypatch.setattr(pipeline, "plan_processes", never)
+    monkeypatch.setattr("experiments.engines.single_host.plan_processes", never)
     experiment = queued(project, git_repo, operator="jobset", types=jobset(1000, 1000, 1000))
     pipeline.run_clone(experiment.pk)
     experiment.refresh_from_db()
@@ -357,7 +372,7 @@ def test_single_host_engine_counts_every_completion_it_would_start(project, loca
     # 20 jobs × 10 completions, 2 at a time: 40 by the manifest's count, but a single host
     # starts all 200 at once, so Submitting refuses before planning or starting any of them.
     planned = []
-    monkeypatch.setattr(pipeline, "plan_processes", lambda *a, **k: planned.append(1) or [])
+    monkeypatch.setattr("experiments.engines.single_host.plan_processes", lambda *a, **k: planned.append(1) or [])
     experiment = queued(project, git_repo, operator="jobset", types=jobset(20, completions=10, parallelisms=2))
     pipeline.run_clone(experiment.pk)
     pipeline.run_build(experiment.pk)

@@ -16,7 +16,7 @@ from experiments.engines.docker import DockerEngine
 from experiments.engines.local import LocalEngine
 from experiments.logview import total_lines
 from experiments.models import LogChunk, Status
-from tests.conftest import TEST_IMAGE, ended, push, wait_for
+from tests.helpers import TEST_IMAGE, ended, push, wait_for
 
 MiB = 1024 * 1024
 PAD = "0" * 90

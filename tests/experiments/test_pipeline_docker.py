@@ -7,8 +7,15 @@ import pytest
 from experiments import logs
 from experiments.models import Experiment, Status, StepName, StepStatus
 from experiments.services import cancel_experiment
-from tests.conftest import DOCKERFILE, TEST_IMAGE, containers_of, ended, github_push, manifest_yaml, push, wait_for
+from projects.services import create_project
+from tests.datasets.conftest import s3_server, use_s3  # noqa: F401 (s3_server: a fixture)
+from tests.experiments.test_pipeline_local import (
+    VARIABLES_SPEC,
+    assert_page_shows_the_environment,
+    set_project_variables,
+)
 from tests.experiments.test_portforward import server_redis  # noqa: F401 (a fixture)
+from tests.helpers import DOCKERFILE, TEST_IMAGE, containers_of, ended, github_push, manifest_yaml, push, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
 
@@ -239,3 +246,30 @@ def test_engine_network_that_does_not_exist_fails_with_its_name(
     assert experiment.status == Status.FAILED
     assert "the Docker network 'aichor-test-missing-network' does not exist" in experiment.failure_reason
     assert containers_of(docker_client, experiment.pk) == []
+
+
+@pytest.mark.s3
+def test_page_shows_the_environment_a_container_gets_on_s3_storage(
+    client,
+    settings,
+    s3_server,  # noqa: F811
+    docker_engine,
+    admin_user,
+    member_user,
+    git_repo,
+    celery_worker_thread,
+):
+    # The buckets are S3: the workload gets s3:// paths and the endpoint's credentials, no mounts.
+    use_s3(settings, s3_server)
+    project = create_project(
+        name="S3 env", slug="s3env", repo_clone_url=git_repo.url, engines=[docker_engine],
+        admins=[admin_user], members=[member_user], webhook_secret="s3cret-webhook",
+    )  # fmt: skip
+    set_project_variables(project)
+    experiment = ended(push(client, project, git_repo, "env", extra_spec=VARIABLES_SPEC))
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    output = logs.log_text(experiment.pk, "process:worker-0")
+    assert_page_shows_the_environment(client, member_user, experiment, output)
+    assert f"AICHOR_INPUT_PATH=s3://{project.inputs_bucket}/\n" in output
+    assert f"AWS_SECRET_ACCESS_KEY={s3_server.secret_key}\n" in output
+    assert f"AWS_ENDPOINT_URL={s3_server.endpoint}\n" in output

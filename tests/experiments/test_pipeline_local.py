@@ -1,12 +1,47 @@
 """The pipeline on the local engine (processes on this host): fast, and the same state machine."""
 
 import pytest
+from django.conf import settings
+from django.utils.html import escape
 
 from experiments import logs
+from experiments.manifest import parse_manifest
 from experiments.models import Event, Experiment, Status, StepName, StepStatus
-from tests.conftest import github_push, manifest_yaml, wait_for
+from experiments.workload import Workload, groups_of
+from projects.services import set_variable
+from tests.helpers import github_push, manifest_yaml, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+# What a process has besides what aichor injects: its shell's, its image's, the server's locale.
+OWN_VARIABLES = {"PATH", "HOME", "HOSTNAME", "PWD", "OLDPWD", "SHLVL", "_", "LANG", "LC_ALL", "TZ", "TERM"}
+# spec.env beside project variables, one of which it overrides, and a protected name it cannot.
+VARIABLES_SPEC = "  env:\n    FROM_SPEC: from-spec\n    SHARED: spec-wins\n    AICHOR_INPUT_PATH: /nowhere\n"
+
+
+def set_project_variables(project) -> None:
+    set_variable(project, name="PLAIN", kind="runtime", value="plain-value", sensitive=False)
+    set_variable(project, name="SHARED", kind="runtime", value="project-loses", sensitive=False)
+    set_variable(project, name="API_TOKEN", kind="runtime", value="tok-4f9a2c-secret", sensitive=True)
+    set_variable(project, name="BUILD_ONLY", kind="build", value="not-at-runtime", sensitive=False)
+
+
+def assert_page_shows_the_environment(client, user, experiment: Experiment, output: str) -> None:
+    """The experiment page's injected variables are, name for name and value for value, what
+    the workload printed with `env`; sensitive values are masked on the page only."""
+    env = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+    client.force_login(user)
+    response = client.get(f"/experiments/{experiment.pk}/")
+    page = response.content.decode()
+    shown = {v.name: v for v in response.context["variables"]}
+    assert set(env) - set(shown) <= OWN_VARIABLES, "the workload got variables the page does not show"
+    for name, variable in shown.items():
+        assert name in env, f"the page shows {name}, which the workload did not get"
+        if variable.sensitive:
+            assert env[name] and variable.value == "" and env[name] not in page
+        else:
+            assert variable.value == env[name], name
+            assert escape(variable.value) in page, name
 
 
 def push_and_wait(client, project, git_repo, command: str, message: str = "aichor[train.yaml]: try", **manifest_kwargs):
@@ -196,19 +231,15 @@ def test_local_workload_sees_its_variables_and_none_of_the_servers(
 
 
 def test_terminal_in_a_local_process_gets_the_process_environment_not_the_servers(project, monkeypatch, tmp_path):
-    from experiments.engines.base import ProcessSpec
     from experiments.engines.local import LocalEngine
 
     for name, value in SERVER_SECRETS.items():
         monkeypatch.setenv(name, value)
     engine = LocalEngine({"root": str(tmp_path)})
+    spec = parse_manifest(manifest_yaml("sleep 60")).spec
+    env = {"AICHOR_EXPERIMENT_ID": "terminal-env"}
     handle = engine.submit(
-        experiment_id="terminal-env",
-        image="",
-        processes=[ProcessSpec("worker-0", "sleep 60", {"AICHOR_EXPERIMENT_ID": "terminal-env"})],
-        mounts=[],
-        workdir=None,
-        log=lambda text: None,
+        Workload("terminal-env", "p", "batch", "", spec.command, groups_of(spec), env, []), log=lambda text: None
     )
     try:
         session = engine.exec(handle, "worker-0", command=["sh", "-c", "env; echo END-OF-ENV"])
@@ -245,3 +276,20 @@ def test_unfinished_last_line_is_stored_once(client, project, git_repo, celery_w
 
     stop(experiment.pk)  # a second stop task (a retried message) must not store it again
     assert logs.log_text(experiment.pk, "process:worker-0") == "first\nno newline at the end\n"
+
+
+def test_page_shows_the_environment_the_local_workload_gets(
+    client, project, member_user, git_repo, celery_worker_thread
+):
+    # On the local engine the buckets are folders of the server's own host, not mounts.
+    set_project_variables(project)
+    experiment = push_and_wait(client, project, git_repo, "env", extra_spec=VARIABLES_SPEC)
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    output = logs.log_text(experiment.pk, "process:worker-0")
+    assert_page_shows_the_environment(client, member_user, experiment, output)
+    assert "FROM_SPEC=from-spec\n" in output and "PLAIN=plain-value\n" in output
+    assert "SHARED=spec-wins" in output and "API_TOKEN=tok-4f9a2c-secret" in output
+    assert "BUILD_ONLY" not in output and "/nowhere" not in output
+    assert f"AICHOR_INPUT_PATH={settings.BUCKETS_ROOT}/{project.inputs_bucket}/" in output
+    warning = "warning: spec.env.AICHOR_INPUT_PATH is set by aichor and cannot be overridden: ignored"
+    assert warning in logs.log_text(experiment.pk, "step:Submitting")

@@ -17,7 +17,6 @@ from channels.testing import WebsocketCommunicator
 from aichor.asgi import application
 from experiments import services
 from experiments.engines import get_engine
-from experiments.engines.base import ProcessSpec
 from experiments.models import Experiment, StepName
 from experiments.portforward import (
     CLOSE_BAD_PROCESS,
@@ -27,7 +26,8 @@ from experiments.portforward import (
     CLOSE_UNREACHABLE,
 )
 from projects.services import create_api_token
-from tests.conftest import TEST_IMAGE, wait_for
+from tests.experiments.test_terminal import start_running_experiment, target_of
+from tests.helpers import TEST_IMAGE, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -42,31 +42,18 @@ def running(project, processes=("worker-0", "worker-1")) -> Experiment:
     experiment = services.create_experiment(project=project, manifest_path="m.yaml")
     for step in (StepName.CLONING, StepName.BUILDING, StepName.SUBMITTING):
         assert services.begin_step(experiment.pk, step)
-    assert services.set_fields(experiment.pk, handle={"pids": {name: 1 for name in processes}})
+    assert services.record_submission(experiment.pk, {"pids": {name: 1 for name in processes}}, None, {})
     assert services.begin_step(experiment.pk, StepName.RUNNING)
     return experiment
 
 
 def submitted(project, engine_model, commands: dict[str, str], image: str = TEST_IMAGE) -> Experiment:
     """An experiment in Running whose processes really run `commands` on the engine."""
-    experiment = services.create_experiment(project=project, engine=engine_model, manifest_path="m.yaml")
-    for step in (StepName.CLONING, StepName.BUILDING, StepName.SUBMITTING):
-        assert services.begin_step(experiment.pk, step)
-    handle = get_engine(engine_model).submit(
-        experiment_id=str(experiment.pk),
-        image=image,
-        processes=[ProcessSpec(name, command, {}) for name, command in commands.items()],
-        mounts=[],
-        workdir=None,
-        log=lambda _: None,
-    )
-    assert services.set_fields(experiment.pk, handle=handle)
-    assert services.begin_step(experiment.pk, StepName.RUNNING)
-    return Experiment.objects.get(pk=experiment.pk)
+    return start_running_experiment(project, engine_model, commands=commands, image=image)
 
 
 def listening_in_container(docker_client, experiment: Experiment, process: str, port: int) -> bool:
-    container = docker_client.containers.get(experiment.handle["containers"][process])
+    container = docker_client.containers.get(target_of(experiment, process))
     return f":{port} " in container.exec_run(["netstat", "-ltn"]).output.decode()
 
 

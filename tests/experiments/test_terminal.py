@@ -15,32 +15,45 @@ from django.test import Client
 
 from experiments import services
 from experiments.engines import get_engine
-from experiments.engines.base import ProcessSpec
+from experiments.manifest import parse_manifest
 from experiments.models import Event, Experiment, Status, StepName
 from experiments.pipeline import reconcile
-from tests.conftest import TEST_IMAGE, containers_of, github_push, manifest_yaml, wait_for
+from experiments.workload import build_workload
+from tests.helpers import TEST_IMAGE, containers_of, github_push, manifest_yaml, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
 
 
-# --- helpers shared with tests/browser/test_terminal.py -----------------------------------
-def start_running_experiment(project, engine_model, processes=("worker-0",), command="sleep 600") -> Experiment:
-    """An experiment in Running whose processes are real containers, moved there through the
-    same services the pipeline uses (no Celery: the clone task it enqueues finds no worker)."""
+# --- helpers shared with tests/browser/test_terminal.py and test_portforward.py -------------
+def start_running_experiment(
+    project, engine_model, processes=("worker-0",), command="sleep 600", *, commands=None, image=TEST_IMAGE
+) -> Experiment:
+    """An experiment in Running whose processes (worker-0, worker-1...) are real, submitted as
+    the pipeline does: its workload built from a manifest, moved there through the services the
+    pipeline uses (no Celery: the clone task it enqueues finds no worker). `commands` gives each
+    process its own command."""
+    commands = commands or {name: command for name in processes}
+    assert list(commands) == [f"worker-{rank}" for rank in range(len(commands))]
+    script = next(iter(commands.values()))
+    if len(set(commands.values())) > 1:
+        script = 'case "$RANK" in ' + " ".join(f"{rank}) {c};;" for rank, c in enumerate(commands.values())) + " esac"
+    types = f"    worker:\n      count: {len(commands)}\n      resources:\n        cpus: 1\n        ramRatio: 1\n"
+    manifest = parse_manifest(manifest_yaml(script, operator="pytorch", types=types))
     experiment = services.create_experiment(project=project, engine=engine_model, manifest_path="m.yaml")
     for step in (StepName.CLONING, StepName.BUILDING, StepName.SUBMITTING):
         assert services.begin_step(experiment.pk, step)
-    handle = get_engine(engine_model).submit(
-        experiment_id=str(experiment.pk),
-        image=TEST_IMAGE,
-        processes=[ProcessSpec(name, command, {"AICHOR_EXPERIMENT_ID": str(experiment.pk)}) for name in processes],
-        mounts=[],
-        workdir=None,
-        log=lambda _: None,
-    )
-    assert services.set_fields(experiment.pk, handle=handle)
+    # What Cloning and Building record.
+    Experiment.objects.filter(pk=experiment.pk).update(manifest=manifest.to_dict(), image=image)
+    engine = get_engine(engine_model)
+    workload = build_workload(Experiment.objects.get(pk=experiment.pk), path_of=engine.volume_path)
+    handle = engine.submit(workload, log=lambda _: None)
+    assert services.record_submission(experiment.pk, handle, None, {})
     assert services.begin_step(experiment.pk, StepName.RUNNING)
     return Experiment.objects.get(pk=experiment.pk)
+
+
+def target_of(experiment: Experiment, process: str) -> str:
+    return next(p.target for p in get_engine(experiment.engine).processes(experiment.handle) if p.name == process)
 
 
 @pytest.fixture
@@ -179,7 +192,7 @@ def test_a_large_paste_arrives_whole(running, member_user):
 
 
 def test_ctrl_c_interrupts_the_foreground_program(running, member_user, docker_client):
-    container = docker_client.containers.get(running.handle["containers"]["worker-0"])
+    container = docker_client.containers.get(target_of(running, "worker-0"))
 
     def sleeping() -> bool:
         return any("sleep 31" in " ".join(p) for p in container.top()["Processes"])
@@ -364,7 +377,7 @@ def test_release_hold_endpoint_is_for_members_and_posts_only(client, running, ou
     assert client.post(url).status_code == 404
     client.force_login(member_user)
     assert client.get(url).status_code == 405
-    assert services.is_held(Experiment.objects.get(pk=running.pk))
+    assert Experiment.objects.get(pk=running.pk).is_held
     response = client.post(url)
     assert response.status_code == 302 and response["Location"] == f"/experiments/{running.pk}/"
     assert Experiment.objects.get(pk=running.pk).hold_until is None
@@ -396,7 +409,7 @@ def test_failed_experiment_is_held_for_debugging_then_released(
     )
     assert experiment.status == Status.FAILED and experiment.exit_code == 4
     assert 590 < (experiment.hold_until - experiment.finished_at).total_seconds() < 610
-    assert services.is_held(experiment)
+    assert experiment.is_held
     assert Event.objects.filter(experiment=experiment, reason__startswith="held for debugging until").exists()
 
     async def inspect():
@@ -414,7 +427,10 @@ def test_failed_experiment_is_held_for_debugging_then_released(
 
     assert services.release_hold(experiment.pk, actor=member_user)
     wait_for(lambda: not containers_of(docker_client, experiment.pk), timeout=30, message="the held containers to go")
-    assert not docker_client.images.list(filters={"label": f"aichor.hold={experiment.pk}"})
+    # The snapshots go after the containers; the low-level list: the high-level one inspects
+    # each image and fails on one removed between listing and inspection.
+    snapshot_filter = {"label": f"aichor.hold={experiment.pk}"}
+    wait_for(lambda: not docker_client.api.images(filters=snapshot_filter), timeout=30, message="the snapshots to go")
     assert Event.objects.filter(experiment=experiment, reason="debug hold released by member@example.com").exists()
 
     async def refused():
@@ -429,7 +445,7 @@ def test_failed_experiment_is_held_for_debugging_then_released(
 def test_reconcile_releases_an_expired_hold(running, docker_client, celery_worker_thread):
     services.finish_experiment(running.pk, Status.FAILED, reason="worker-0 exited with code 1", exit_code=1)
     assert services.hold_for_debugging(running.pk, 0.2)
-    wait_for(lambda: not services.is_held(Experiment.objects.get(pk=running.pk)), message="the hold to expire")
+    wait_for(lambda: not Experiment.objects.get(pk=running.pk).is_held, message="the hold to expire")
     assert containers_of(docker_client, running.pk)
     reconcile()
     assert Experiment.objects.get(pk=running.pk).hold_until is None

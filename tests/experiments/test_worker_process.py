@@ -15,7 +15,7 @@ from django.db import connection
 
 from experiments import logs
 from experiments.models import Experiment, Status, StepName
-from tests.conftest import TEST_IMAGE, containers_of, github_signature, manifest_yaml, unavailable, wait_for
+from tests.helpers import TEST_IMAGE, containers_of, github_signature, manifest_yaml, unavailable, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
 

@@ -1,0 +1,140 @@
+"""A workload planned on a single host (the docker and local engines): each operator's
+processes and the distribution variables its training code reads (SPEC §5)."""
+
+import uuid
+
+import pytest
+
+from experiments.engines.docker import DockerEngine
+from experiments.engines.local import LocalEngine
+from experiments.engines.single_host import plan_processes
+from experiments.manifest import parse_manifest
+from experiments.workload import Workload, groups_of
+from tests.helpers import TEST_IMAGE
+
+
+def workload(operator: str, types: str, version: str = "0.2.3", env: dict[str, str] | None = None) -> Workload:
+    """The workload of a manifest, with `env` as what every process gets."""
+    spec = parse_manifest(
+        f"kind: AIchorManifest\napiVersion: {version}\nbuilder:\n  image: i\n  dockerfile: Dockerfile\n"
+        f"spec:\n  operator: {operator}\n  image: i\n  command: python train.py\n  types:\n{types}"
+    ).spec
+    return Workload("e", "p", spec.operator, "i", spec.command, groups_of(spec), env or {}, [])
+
+
+RES = "      resources:\n        cpus: 1\n        ramRatio: 2\n"
+
+
+def env_of(processes) -> dict[str, dict]:
+    return {p.name: p.env for p in processes}
+
+
+def test_legacy_pytorch_master_is_rank_zero():
+    types = f"    Master:\n      count: 1\n{RES}    Worker:\n      count: 2\n{RES}"
+    procs = env_of(plan_processes(workload("pytorch", types, "0.2.2", env={"X": "1"}), host="10.0.0.1", ports=[29500]))
+    assert list(procs) == ["master-0", "worker-0", "worker-1"]
+    assert [procs[n]["RANK"] for n in procs] == ["0", "1", "2"]
+    assert {procs[n]["WORLD_SIZE"] for n in procs} == {"3"}
+    assert {procs[n]["MASTER_ADDR"] + ":" + procs[n]["MASTER_PORT"] for n in procs} == {"10.0.0.1:29500"}
+    assert procs["worker-1"]["X"] == "1"
+
+
+def test_xgboost_lists_worker_addresses_and_port():
+    procs = env_of(plan_processes(workload("xgboost", f"    worker:\n      count: 3\n{RES}"), host="h", ports=[1, 2]))
+    assert procs["worker-0"]["WORKER_PORT"] == "2"
+    assert procs["worker-0"]["WORKER_ADDRS"] == "h,h"
+
+
+def test_jax_coordinator_and_process_ids():
+    procs = env_of(plan_processes(workload("jax", f"    worker:\n      count: 2\n{RES}"), host="h", ports=[1234]))
+    assert procs["worker-1"]["JAXOPERATOR_COORDINATOR_ADDRESS"] == "h:1234"
+    assert procs["worker-1"]["JAXOPERATOR_COORDINATOR_HOST"] == "h"
+    assert procs["worker-1"]["JAXOPERATOR_NUM_PROCESSES"] == "2"
+    assert [procs[n]["JAXOPERATOR_PROCESS_ID"] for n in procs] == ["0", "1"]
+
+
+def test_jobset_indices_across_groups():
+    types = f"    driver:\n      count: 1\n{RES}    workers:\n      count: 2\n      completions: 2\n{RES}"
+    procs = env_of(plan_processes(workload("jobset", types), host="h", ports=[1]))
+    assert list(procs) == ["driver-0-0", "workers-0-0", "workers-0-1", "workers-1-0", "workers-1-1"]
+    assert {
+        k: procs["workers-1-1"][k]
+        for k in (
+            "JOB_COMPLETION_INDEX",
+            "JOB_INDEX",
+            "JOB_GLOBAL_INDEX",
+            "GLOBAL_REPLICAS",
+            "REPLICATED_JOB_NAME",
+            "REPLICATED_JOB_REPLICAS",
+        )
+    } == {
+        "JOB_COMPLETION_INDEX": "1",
+        "JOB_INDEX": "1",
+        "JOB_GLOBAL_INDEX": "2",
+        "GLOBAL_REPLICAS": "3",
+        "REPLICATED_JOB_NAME": "workers",
+        "REPLICATED_JOB_REPLICAS": "2",
+    }
+
+
+def test_kuberay_submitter_decides_and_sees_the_head():
+    types = f"    Head:\n{RES}    Workers:\n      - name: small\n        count: 2\n{RES.replace('      ', '        ')}"
+    processes = plan_processes(workload("kuberay", types), host="h", ports=[6379])
+    by_name = {p.name: p for p in processes}
+    assert sorted(by_name) == ["head", "small-0", "small-1", "submitter"]
+    assert [p.name for p in processes if p.decisive] == ["submitter"]
+    assert by_name["submitter"].env["RAY_ADDRESS"] == "h:6379"
+    assert by_name["submitter"].command.endswith("python train.py")
+
+
+def test_batch_is_one_process():
+    processes = plan_processes(
+        workload("batch", f"    main:\n      count: 1\n{RES}", env={"A": "b"}), host="h", ports=[1]
+    )
+    assert [(p.name, p.env) for p in processes] == [("main-0", {"A": "b"})]
+
+
+KUBERAY = f"    Head:\n{RES}    Workers:\n      - name: small\n        count: 1\n{RES.replace('      ', '        ')}"
+
+
+def submitted(engine, experiment_id: str):
+    """A kuberay workload started on `engine` (the ray commands fail at once without Ray: only
+    what the engine says of its processes matters here)."""
+    plan = workload("kuberay", KUBERAY)
+    ray = Workload(experiment_id, "p", plan.operator, TEST_IMAGE, "true", plan.groups, {}, [])
+    return engine.submit(ray, log=lambda text: None)
+
+
+def roles(engine, handle) -> list[tuple[str, str, bool]]:
+    return [(p.name, p.role, p.decisive) for p in engine.processes(handle)]
+
+
+EXPECTED_ROLES = [("head", "head", False), ("small-0", "ray-worker", False), ("submitter", "submitter", True)]
+
+
+def test_local_engine_names_roles_and_the_decisive_process_also_when_found_again(tmp_path):
+    engine = LocalEngine({"root": str(tmp_path)})
+    handle = submitted(engine, "roles-local")
+    try:
+        assert roles(engine, handle) == EXPECTED_ROLES
+        # A restarted worker finds the processes again with what they are.
+        assert roles(engine, engine.find("roles-local")) == EXPECTED_ROLES
+        assert {p.target for p in engine.processes(handle)} == {str(pid) for pid in handle["pids"].values()}
+    finally:
+        engine.cancel(handle)
+        engine.cleanup(handle)
+
+
+@pytest.mark.docker
+def test_docker_engine_names_roles_and_the_decisive_process_also_when_found_again(docker_client):
+    engine = DockerEngine({"network": "none"})
+    experiment_id = f"roles-{uuid.uuid4().hex[:8]}"
+    handle = submitted(engine, experiment_id)
+    try:
+        assert roles(engine, handle) == EXPECTED_ROLES
+        assert sorted(roles(engine, engine.find(experiment_id))) == EXPECTED_ROLES
+        for process in engine.processes(handle):
+            container = docker_client.containers.get(process.target)
+            assert container.labels["aichor.process"] == process.name
+    finally:
+        engine.cleanup_experiment(experiment_id)

@@ -1,4 +1,4 @@
-"""WebSocket routes (logs, terminal); each consumer authorises through projects.access."""
+"""WebSocket routes (logs, terminal); each consumer authorises through experiments.access."""
 
 from django.urls import path
 

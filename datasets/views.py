@@ -98,7 +98,7 @@ def _render_browser(request: HttpRequest, project: Project, kind: str, prefix: s
 @login_required
 @require_GET
 def browse(request: HttpRequest, slug: str) -> HttpResponse:
-    project = get_project(request.user, slug)
+    project, _ = get_project(request.user, slug)
     return _render_browser(request, project, request.GET.get("bucket", "inputs"), request.GET.get("prefix", ""))
 
 
@@ -112,7 +112,7 @@ def _after_change(request: HttpRequest, project: Project, kind: str, prefix: str
 @login_required
 @require_POST
 def create_folder(request: HttpRequest, slug: str) -> HttpResponse:
-    project = get_project(request.user, slug)
+    project, _ = get_project(request.user, slug)
     kind, prefix = request.POST.get("bucket", ""), request.POST.get("prefix", "")
     try:
         key = services.create_folder(services.bucket_name(project, kind), prefix, request.POST.get("name", ""))
@@ -124,7 +124,7 @@ def create_folder(request: HttpRequest, slug: str) -> HttpResponse:
 @login_required
 @require_POST
 def delete(request: HttpRequest, slug: str) -> HttpResponse:
-    project = get_project(request.user, slug)
+    project, _ = get_project(request.user, slug)
     kind, key = request.POST.get("bucket", ""), request.POST.get("key", "")
     try:
         services.delete(services.bucket_name(project, kind), key)
@@ -134,7 +134,7 @@ def delete(request: HttpRequest, slug: str) -> HttpResponse:
 
 
 def _object_from_query(request: HttpRequest, slug: str) -> tuple[Project, str, str]:
-    project = get_project(request.user, slug)
+    project, _ = get_project(request.user, slug)
     return project, services.bucket_name(project, request.GET.get("bucket", "")), request.GET.get("key", "")
 
 
@@ -200,7 +200,7 @@ def preview(request: HttpRequest, slug: str) -> HttpResponse:
     except StorageError as exc:
         context["error"], status = str(exc), 502
     if "project" not in context:
-        context["project"] = get_project(request.user, slug)
+        context["project"], _ = get_project(request.user, slug)
     template = "datasets/_preview.html" if request.htmx else "datasets/preview.html"
     return render(request, template, context, status=status)
 
@@ -251,7 +251,7 @@ def _int(value, what: str) -> int:
 @login_required
 @require_POST
 def upload_start(request: HttpRequest, slug: str) -> JsonResponse:
-    project = get_project(request.user, slug)
+    project, _ = get_project(request.user, slug)
     try:
         bucket = services.bucket_name(project, request.POST.get("bucket", ""))
         upload = services.start_upload(bucket, request.POST.get("key", ""), _int(request.POST.get("size"), "size"))
@@ -265,7 +265,7 @@ def upload_start(request: HttpRequest, slug: str) -> JsonResponse:
 async def upload_part(request: HttpRequest, slug: str) -> JsonResponse:
     # Async so that the uploader's parts in flight are stored in parallel: a sync view would run
     # them one after another on Django's single sync thread.
-    project = await sync_to_async(get_project)(await request.auser(), slug)
+    project, _ = await sync_to_async(get_project)(await request.auser(), slug)
     try:
         bucket = services.bucket_name(project, request.GET.get("bucket", ""))
         length = _int(request.META.get("CONTENT_LENGTH"), "Content-Length")
@@ -289,7 +289,7 @@ async def upload_part(request: HttpRequest, slug: str) -> JsonResponse:
 @login_required
 @require_POST
 def upload_complete(request: HttpRequest, slug: str) -> JsonResponse:
-    project = get_project(request.user, slug)
+    project, _ = get_project(request.user, slug)
     try:
         kind = request.POST.get("bucket", "")
         key = request.POST.get("key", "")
@@ -307,7 +307,7 @@ def upload_complete(request: HttpRequest, slug: str) -> JsonResponse:
 @login_required
 @require_POST
 def upload_abort(request: HttpRequest, slug: str) -> JsonResponse:
-    project = get_project(request.user, slug)
+    project, _ = get_project(request.user, slug)
     try:
         services.abort_upload(
             services.bucket_name(project, request.POST.get("bucket", "")),

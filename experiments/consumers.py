@@ -17,7 +17,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404
 
 from experiments import logview
-from projects.access import get_experiment
+from experiments.access import get_experiment
 
 POLL_SECONDS = 0.5
 TAIL_LINES = 1000
@@ -29,7 +29,7 @@ class LogConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.task: asyncio.Task | None = None
         try:
-            self.experiment = await database_sync_to_async(get_experiment)(
+            self.experiment, _ = await database_sync_to_async(get_experiment)(
                 self.scope["user"], self.scope["url_route"]["kwargs"]["experiment_id"]
             )
         except Http404:

@@ -1,8 +1,6 @@
 """Django admin: organisation admins (superusers) manage everything; a project admin manages
 their own projects (settings, engines, members) and sees nothing of other projects (SPEC §1)."""
 
-import secrets
-
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
@@ -12,8 +10,8 @@ from django.http import HttpRequest
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
-from aichor.lib.crypto import encrypt
-from projects.models import Engine, Membership, Project, new_namespace
+from projects.models import Engine, Membership, Project
+from projects.services import create_project
 
 HOST_NETWORK_WARNING = (
     "This engine runs workloads and builds on the Docker host's own network (network: host): every "
@@ -180,10 +178,21 @@ class ProjectAdmin(ProjectScopedAdmin):
         return ("namespace", "slug") if obj else ("namespace",)
 
     def save_model(self, request: HttpRequest, obj: Project, form, change: bool) -> None:
-        if not change:
-            obj.namespace = new_namespace(obj.slug)
-            obj.webhook_secret_encrypted = encrypt(secrets.token_hex(20))
-        super().save_model(request, obj, form, change)
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        # A new project gets what every project gets (namespace, secret, buckets) from the one
+        # service; `obj` then becomes that row, as the member inlines save against `obj`.
+        project = create_project(
+            name=obj.name,
+            slug=obj.slug,
+            repo_clone_url=obj.repo_clone_url,
+            repo_web_url=obj.repo_web_url,
+            engines=form.cleaned_data.get("engines") or (),
+            default_engine=obj.default_engine,
+        )
+        obj.pk, obj._state.adding = project.pk, False
+        obj.refresh_from_db()
 
 
 @admin.register(Engine)

@@ -3,7 +3,7 @@
 from django.http import HttpRequest
 from ninja import Router, Schema
 
-from projects.access import get_project, role_in
+from projects.access import get_project
 from projects.models import Engine, Project
 
 router = Router(tags=["projects"])
@@ -30,11 +30,12 @@ class ProjectOut(Schema):
     engines: list[EngineOut]
 
 
-def project_out(project: Project, user) -> dict:
+def project_out(project: Project) -> dict:
+    """`project` comes from the access helper or visible_projects: its `role` is annotated."""
     return {
         "slug": project.slug,
         "name": project.name,
-        "role": role_in(user, project),
+        "role": project.role,
         "namespace": project.namespace,
         "repo_web_url": project.repo_web_url,
         "default_engine": project.default_engine.name if project.default_engine else None,
@@ -43,8 +44,7 @@ def project_out(project: Project, user) -> dict:
 
 
 def visible_projects(user):
-    qs = Project.objects.all() if user.is_superuser else Project.objects.for_user(user)
-    return qs.distinct().select_related("default_engine").prefetch_related("engines")
+    return Project.objects.visible_to(user).select_related("default_engine").prefetch_related("engines")
 
 
 @router.get("/me", response=UserOut, summary="The authenticated user")
@@ -54,17 +54,19 @@ def me(request: HttpRequest):
 
 @router.get("/projects", response=list[ProjectOut], summary="Projects the caller is a member of")
 def list_projects(request: HttpRequest):
-    return [project_out(p, request.auth) for p in visible_projects(request.auth)]
+    return [project_out(p) for p in visible_projects(request.auth)]
 
 
 @router.get("/projects/{slug}", response=ProjectOut, summary="One project")
 def project_detail(request: HttpRequest, slug: str):
-    return project_out(get_project(request.auth, slug), request.auth)
+    project, _ = get_project(request.auth, slug)
+    return project_out(project)
 
 
 @router.get("/projects/{slug}/engines", response=list[EngineOut], summary="Engines a project may use")
 def project_engines(request: HttpRequest, slug: str):
-    return get_project(request.auth, slug).engines.all()
+    project, _ = get_project(request.auth, slug)
+    return project.engines.all()
 
 
 @router.get("/engines", response=list[EngineOut], summary="Engines of the caller's projects")

@@ -31,11 +31,26 @@ class Engine(models.Model):
         return f"{self.name} ({self.kind})"
 
 
+def access_of(user, to_project: str = "") -> tuple[models.Q, models.Expression] | None:
+    """Who sees what, said once: superusers see every project as its admin, everyone else the
+    projects they are members of, with their membership's role; None for the anonymous.
+    `to_project` is the path from the queried model to its project ("project__")."""
+    if not user.is_authenticated:
+        return None
+    if user.is_superuser:
+        return models.Q(), models.Value(Membership.Role.ADMIN, output_field=models.CharField())
+    # The F() after filter() reuses the filter's join: the role is the matching membership's.
+    return models.Q(**{f"{to_project}memberships__user": user}), models.F(f"{to_project}memberships__role")
+
+
 class ProjectQuerySet(models.QuerySet):
-    def for_user(self, user) -> "ProjectQuerySet":
-        if not user.is_authenticated:
+    def visible_to(self, user) -> "ProjectQuerySet":
+        """The projects `user` may see, each with the user's `role` annotated (one query)."""
+        access = access_of(user)
+        if access is None:
             return self.none()
-        return self.filter(memberships__user=user)
+        where, role = access
+        return self.filter(where).annotate(role=role)
 
 
 class Project(models.Model):

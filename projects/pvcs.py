@@ -37,7 +37,8 @@ class PvcForm(forms.ModelForm):
 
 
 def _admin_project(request: HttpRequest, slug: str) -> Project:
-    return get_project(request.user, slug, admin=True)
+    project, _ = get_project(request.user, slug, admin=True)
+    return project
 
 
 @login_required

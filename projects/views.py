@@ -7,16 +7,24 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET
 
-from experiments.views import remember
-from projects.access import get_project, role_in
-from projects.models import Membership, Project
+from projects.access import get_project
+from projects.models import Engine, Membership, Project
+
+
+def remember(request: HttpRequest, project: Project, engine: Engine | None = None) -> None:
+    """Keep the user's last project and engine in the session (written only when they change,
+    so a poll does not cost a session UPDATE)."""
+    if request.session.get("project") != project.slug:
+        request.session["project"] = project.slug
+    if engine and request.session.get(f"engine:{project.slug}") != engine.name:
+        request.session[f"engine:{project.slug}"] = engine.name
 
 
 @login_required
 @require_GET
 def home(request: HttpRequest) -> HttpResponse:
     """Send the user to the project they asked for, else the one they used last, else their first."""
-    projects = Project.objects.all() if request.user.is_superuser else Project.objects.for_user(request.user)
+    projects = Project.objects.visible_to(request.user)
     wanted = request.GET.get("project") or request.session.get("project")
     project = projects.filter(slug=wanted).first() if wanted else None
     project = project or projects.order_by("name").first()
@@ -28,9 +36,8 @@ def home(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def project_detail(request: HttpRequest, slug: str) -> HttpResponse:
-    project = get_project(request.user, slug)
+    project, role = get_project(request.user, slug)
     remember(request, project)
-    role = role_in(request.user, project)
     public = settings.PUBLIC_URL
     context = {
         "project": project,

@@ -52,13 +52,3 @@ document.addEventListener("click", async (event) => {
   button.textContent = "Copied";
   setTimeout(() => { button.textContent = label; }, 1500);
 });
-
-// The terminal card is rendered with the page, outside the polled live section (re-rendering it
-// would cut an open session). When the live section reports that a terminal became possible
-// (the workload started, or a failure is held for debugging), reload once to show the card.
-document.addEventListener("htmx:afterSettle", (event) => {
-  const live = document.getElementById("experiment-live");
-  if (live && live.hasAttribute("data-terminal") && !document.getElementById("terminal-card")) {
-    window.location.reload();
-  }
-});

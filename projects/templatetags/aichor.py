@@ -18,7 +18,7 @@ def topbar(context) -> dict:
     project = context.get("project")
     if not user.is_authenticated:
         return {"user": user}
-    projects = Project.objects.all() if user.is_superuser else Project.objects.for_user(user)
+    projects = Project.objects.visible_to(user)
     engines = context.get("engines")
     if project is not None and engines is None:
         engines = list(project.engines.all())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import unavailable
+from tests.helpers import unavailable
 
 CHROMIUM = os.environ.get("AICHOR_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

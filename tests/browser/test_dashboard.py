@@ -9,7 +9,7 @@ from playwright.sync_api import expect
 
 from experiments.logs import append_log
 from experiments.models import Experiment, Status
-from tests.conftest import github_push, manifest_yaml, wait_for
+from tests.helpers import github_push, manifest_yaml, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 

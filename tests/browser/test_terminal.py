@@ -8,9 +8,10 @@ import pytest
 
 from experiments import pipeline, services
 from experiments.engines import get_engine
+from experiments.manifest import parse_manifest
 from experiments.models import Experiment
-from tests.conftest import containers_of, wait_for
 from tests.experiments.test_terminal import start_running_experiment
+from tests.helpers import containers_of, manifest_yaml, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker]
 
@@ -98,21 +99,21 @@ def test_terminal_on_a_held_failed_experiment(
     docker_engine,
     docker_client,
     screenshot,
-    celery_worker_thread,
     request,  # noqa: F811
 ):
     experiment = start_running_experiment(
         docker_project, docker_engine, command="echo crash-report > /tmp/crash.txt; exit 3"
     )
     request.addfinalizer(lambda: get_engine(docker_engine).cleanup_experiment(str(experiment.pk)))
-    services.set_fields(experiment.pk, manifest={"spec": {"debug": {"holdOnFailure": 600}, "timeout": None}})
+    held = manifest_yaml("exit 3", extra_spec="  debug:\n    holdOnFailure: 600\n")
+    assert services.record_manifest(experiment.pk, parse_manifest(held), held)
     wait_for(
         lambda: all(s.phase == "exited" for s in get_engine(docker_engine).status(experiment.handle)),
         message="the workload to fail",
     )
     pipeline.run_watch(experiment.pk)  # what the watch task does: Failed, held
     experiment = Experiment.objects.get(pk=experiment.pk)
-    assert experiment.status == "Failed" and services.is_held(experiment)
+    assert experiment.status == "Failed" and experiment.is_held
 
     page = logged_in_page
     open_terminal(page, live_asgi, experiment)
@@ -122,6 +123,9 @@ def test_terminal_on_a_held_failed_experiment(
     wait_screen(page, r"size=\d+")
     screenshot(page, "held")
 
+    # The worker the release needs starts only now: started with the test, it would take the
+    # clone task start_running_experiment enqueues and race its steps (it assumes no worker).
+    request.getfixturevalue("celery_worker_thread")
     with page.expect_navigation():  # the POST redirects back to this same page
         page.click("#terminal-card .hold button")
     page.locator("#terminal-card").wait_for(state="detached")
@@ -132,14 +136,22 @@ def test_terminal_card_appears_when_the_workload_starts(
     client, logged_in_page, live_asgi, project, git_repo, member_user, celery_worker_thread
 ):
     from experiments.services import cancel_experiment
-    from tests.conftest import github_push, manifest_yaml
+    from tests.helpers import github_push, manifest_yaml
 
     message = "aichor[train.yaml]: long"
     sha = git_repo.commit({"aichor_manifests/train.yaml": manifest_yaml("echo started; sleep 60")}, message)
     experiment_id = github_push(client, project, sha=sha, message=message).json()["experiment"]
     page = logged_in_page
     page.goto(f"{live_asgi.url}/experiments/{experiment_id}/")
-    # Opened before Running: the card shows up on its own once the workload starts.
+    page.evaluate("window.__not_reloaded = true")
+    # Opened before Running: the card shows up on its own once the workload starts, swapped in
+    # by the live update (no reload), and works like one rendered with the page.
     page.locator("#terminal-card").wait_for(timeout=60_000)
+    assert page.evaluate("window.__not_reloaded") is True
     assert Experiment.objects.get(pk=experiment_id).current_step == "Running"
+    page.click("#terminal-open")
+    page.locator("#terminal-state").get_by_text("Connected to").wait_for()
+    type_line(page, "echo oob-$((6*7))")
+    wait_screen(page, r"oob-42")
+    assert page.evaluate("window.__not_reloaded") is True
     cancel_experiment(Experiment.objects.get(pk=experiment_id), actor=member_user)

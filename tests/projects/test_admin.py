@@ -1,11 +1,14 @@
 """The Django admin: project admins manage their own projects and see nothing of the others."""
 
+import re
+
 import pytest
 
+from datasets.storage import bucket_root
 from experiments import services
-from projects.models import Membership
+from projects.models import Membership, Project
 from projects.services import create_project
-from tests.conftest import project_change_form
+from tests.helpers import project_change_form
 
 pytestmark = pytest.mark.django_db
 
@@ -153,3 +156,36 @@ def test_superuser_sees_everything(client, django_user_model, project, other_pro
 
     speech = Project.objects.get(slug="speech")
     assert speech.namespace.startswith("speech-") and speech.webhook_secret
+
+
+def test_project_added_in_the_admin_is_made_like_any_other(
+    client, django_user_model, local_engine, member_user, django_capture_on_commit_callbacks
+):
+    root = django_user_model.objects.create_superuser("root@example.com", "root@example.com", "pw-root-123")
+    client.force_login(root)
+    data = {
+        "name": "Speech",
+        "slug": "speech",
+        "repo_clone_url": "https://github.com/acme/speech.git",
+        "repo_web_url": "https://github.com/acme/speech",
+        "engines": [local_engine.pk],
+        "default_engine": local_engine.pk,
+        "memberships-TOTAL_FORMS": "1",
+        "memberships-INITIAL_FORMS": "0",
+        "memberships-MIN_NUM_FORMS": "0",
+        "memberships-MAX_NUM_FORMS": "1000",
+        "memberships-0-email": member_user.email,
+        "memberships-0-role": "admin",
+    }
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post("/admin/projects/project/add/", data)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    added = Project.objects.get(slug="speech")
+    reference = create_project(name="Reference", slug="reference", engines=[local_engine])
+    assert re.fullmatch(r"speech-[0-9a-f]{16}", added.namespace)
+    assert re.fullmatch(r"reference-[0-9a-f]{16}", reference.namespace)
+    assert len(added.webhook_secret) == len(reference.webhook_secret) == 40
+    assert list(added.engines.all()) == [local_engine] and added.default_engine == local_engine
+    assert Membership.objects.filter(project=added, user=member_user, role="admin").exists()
+    for bucket in (added.inputs_bucket, added.outputs_bucket):
+        assert bucket_root(bucket).is_dir()

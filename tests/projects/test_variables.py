@@ -6,7 +6,7 @@ import pytest
 from experiments import logs
 from experiments.models import Experiment
 from projects.models import ProjectVariable
-from tests.conftest import github_push, manifest_yaml, wait_for
+from tests.helpers import github_push, manifest_yaml, wait_for
 
 pytestmark = pytest.mark.django_db
 

@@ -39,13 +39,16 @@ run: setup
 services:
 	@scripts/services.sh
 
+# Parallel test workers (0: in this process). Most tests wait on Docker, git, a worker thread or
+# a browser rather than on the CPU, so more workers than cores pay.
+PYTEST_WORKERS ?= 3
 test: setup services
 	@if [ "$$CI" = "true" ]; then \
 	  export DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/aichor}; \
 	  export REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/0}; \
 	fi; \
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0 && \
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: setup services
 	$(BIN)/python bench/run_all.py $(BENCH)

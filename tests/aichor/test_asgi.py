@@ -11,7 +11,7 @@ from django.db.backends.signals import connection_created
 
 from aichor.asgi import application
 from experiments.models import Experiment
-from tests.conftest import github_signature
+from tests.helpers import github_signature
 
 
 def signed(project, sha: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:

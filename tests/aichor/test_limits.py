@@ -11,7 +11,7 @@ from asgiref.sync import async_to_sync
 
 from aichor.asgi import application
 from experiments.models import Experiment
-from tests.conftest import github_signature
+from tests.helpers import github_signature
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -42,12 +42,6 @@ def project_with_all(project, tokens):
     return project
 
 
-@pytest.fixture(autouse=True)
-def _fast_passwords(settings):
-    # Six personas per test: the production hasher would dominate the run time.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def streamed(response) -> bytes:
     """The whole body of a (possibly async) streaming response."""
     from asgiref.sync import async_to_sync

@@ -7,7 +7,7 @@ import pytest
 
 from experiments import pipeline
 from experiments.models import Experiment, Status
-from tests.conftest import manifest_yaml, wait_for
+from tests.helpers import manifest_yaml, wait_for
 
 pytestmark = pytest.mark.django_db
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 AICHOR = str(Path(sys.executable).with_name("aichor"))
 

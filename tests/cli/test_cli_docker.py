@@ -5,7 +5,7 @@ import socket
 import pytest
 import requests
 
-from tests.conftest import TEST_IMAGE, containers_of, manifest_yaml, wait_for
+from tests.helpers import TEST_IMAGE, containers_of, manifest_yaml, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
 

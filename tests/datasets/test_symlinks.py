@@ -12,8 +12,8 @@ import pytest
 from datasets import services
 from experiments import logs
 from experiments.models import Status
-from tests.conftest import DOCKERFILE, ended, push
 from tests.datasets.test_views import url
+from tests.helpers import DOCKERFILE, ended, push
 
 RUN = "output/run1/"
 SECRET = b"top secret, outside the bucket\n"

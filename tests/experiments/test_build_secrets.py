@@ -19,7 +19,7 @@ from experiments.engines.docker import DockerEngine
 from experiments.models import Experiment, Status
 from experiments.services import cancel_experiment
 from projects.services import set_variable
-from tests.conftest import TEST_IMAGE, ended, push, unavailable, wait_for
+from tests.helpers import TEST_IMAGE, ended, push, unavailable, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
 

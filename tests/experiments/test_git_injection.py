@@ -17,7 +17,7 @@ from experiments.logs import LogWriter, log_text
 from experiments.models import Experiment, Status, WebhookDelivery
 from experiments.pipeline import Liveness, StepFailed, fetch_git
 from projects.services import create_project
-from tests.conftest import ended, github_push, manifest_yaml, post_github, project_change_form
+from tests.helpers import ended, github_push, manifest_yaml, post_github, project_change_form
 
 pytestmark = pytest.mark.django_db
 

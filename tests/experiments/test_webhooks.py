@@ -7,7 +7,7 @@ import pytest
 
 from experiments.models import Experiment, WebhookDelivery
 from experiments.webhooks import manifest_path_for
-from tests.conftest import github_push, github_signature, post_github
+from tests.helpers import github_push, github_signature, post_github
 
 pytestmark = pytest.mark.django_db
 
@@ -366,7 +366,7 @@ def test_push_with_the_broker_down_is_accepted_and_reconcile_starts_it(
 
     from experiments import pipeline
     from experiments.models import Status
-    from tests.conftest import manifest_yaml, wait_for
+    from tests.helpers import manifest_yaml, wait_for
 
     message = "aichor[train.yaml]: broker down"
     sha = git_repo.commit({"aichor_manifests/train.yaml": manifest_yaml("echo later")}, message)

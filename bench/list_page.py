@@ -17,22 +17,32 @@ from bench._common import percentile, setup_django  # noqa: E402
 
 SIZES = [1_000, 100_000, 1_000_000]
 REQUESTS = 60
-MANIFEST = {
-    "kind": "AIchorManifest",
-    "apiVersion": "0.2.3",
-    "spec": {
-        "operator": "pytorch",
-        "env": {},
-        "types": {
-            "worker": {"count": 4, "resources": {"cpus": 8, "ramRatio": 4, "accelerators": {"gpu": {"count": 1}}}}
-        },
-    },
-}
+# What Cloning stores for a 4-worker PyTorch run with a GPU each (the table shows its totals).
+MANIFEST_TEXT = """\
+kind: AIchorManifest
+apiVersion: 0.2.3
+builder:
+  image: bench
+spec:
+  operator: pytorch
+  image: bench
+  command: python train.py
+  types:
+    worker:
+      count: 4
+      resources:
+        cpus: 8
+        ramRatio: 4
+        accelerators:
+          gpu:
+            count: 1
+"""
 
 
 def top_up(project, engine, user, size: int) -> None:
     from django.db import connection
 
+    from experiments.manifest import parse_manifest
     from experiments.models import Experiment
 
     have = Experiment.objects.filter(project=project).count()
@@ -47,7 +57,8 @@ def top_up(project, engine, user, size: int) -> None:
             INSERT INTO experiments_experiment (
                 id, project_id, engine_id, source, clone_url, commit_sha, branch, archive, message,
                 author_id, author_name, manifest_path, manifest, manifest_text, status, current_step,
-                exit_code, failure_reason, image, created_at, started_at, finished_at, heartbeat_at, waiting_reason)
+                exit_code, failure_reason, image, created_at, started_at, finished_at, heartbeat_at, waiting_reason,
+                watch_state)
             SELECT gen_random_uuid(), %s, %s, 'git', 'https://github.com/acme/bench.git',
                 md5(g::text) || 'abcdefgh', 'main', '', 'aichor[train.yaml]: sweep lr ' || g, %s,
                 'researcher' || (g %% 7) || '@example.com', 'aichor_manifests/train.yaml', %s::jsonb, '',
@@ -56,10 +67,10 @@ def top_up(project, engine, user, size: int) -> None:
                 now() - interval '1 day' - (g || ' seconds')::interval,
                 now() - interval '1 day' - (g || ' seconds')::interval,
                 now() - interval '1 day' - (g || ' seconds')::interval + interval '20 minutes',
-                now(), ''
+                now(), '', '{}'::jsonb
             FROM generate_series(%s, %s) AS g
             """,
-            [project.pk, engine.pk, user.pk, json.dumps(MANIFEST), have + 1, size],
+            [project.pk, engine.pk, user.pk, json.dumps(parse_manifest(MANIFEST_TEXT).to_dict()), have + 1, size],
         )
         cursor.execute("ANALYZE experiments_experiment")
     print(f"  inserted {missing:,} experiments in {time.perf_counter() - started:.1f} s", flush=True)

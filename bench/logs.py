@@ -86,7 +86,7 @@ def main() -> int:
     from experiments.services import create_experiment
     from projects.models import Engine, Project
     from projects.services import create_project
-    from tests.conftest import TEST_IMAGE, GitRepo, ensure_test_image, manifest_yaml
+    from tests.helpers import TEST_IMAGE, GitRepo, ensure_test_image, manifest_yaml
 
     ensure_test_image(docker.from_env())
     redis.Redis.from_url(env["REDIS_URL"]).flushdb()

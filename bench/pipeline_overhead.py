@@ -30,7 +30,7 @@ def main() -> None:
     from experiments.models import Experiment, Step
     from projects.models import Engine, Project
     from projects.services import create_project
-    from tests.conftest import TEST_IMAGE, GitRepo, ensure_test_image, manifest_yaml
+    from tests.helpers import TEST_IMAGE, GitRepo, ensure_test_image, manifest_yaml
 
     client = docker.from_env()
     ensure_test_image(client)

@@ -153,8 +153,8 @@ def main() -> None:
     from experiments.models import StepName
     from projects.models import Engine, Project
     from projects.services import create_project
-    from tests.conftest import ensure_test_image
     from tests.experiments.test_terminal import start_running_experiment
+    from tests.helpers import ensure_test_image
 
     ensure_test_image(docker.from_env())
     Project.objects.filter(slug="bench-term").delete()

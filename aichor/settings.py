@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
 
 from aichor.lib.env import env_bool, env_float, env_int, env_list, env_str
 
@@ -170,6 +171,19 @@ CELERY_TASK_ACKS_LATE = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
+# Two queues: clone, build and submit never wait behind watching, completion, stop and reconcile.
+# A worker started without -Q consumes both (the embedded default, tests); scripts/run.sh starts
+# one worker per queue.
+PIPELINE_QUEUE = "celery"
+WATCH_QUEUE = "watch"
+CELERY_TASK_DEFAULT_QUEUE = PIPELINE_QUEUE
+# Each queue its own routing key: by default both would be bound with the key "celery", and a
+# direct exchange would copy every message into both.
+CELERY_TASK_QUEUES = (Queue(PIPELINE_QUEUE, routing_key=PIPELINE_QUEUE), Queue(WATCH_QUEUE, routing_key=WATCH_QUEUE))
+CELERY_TASK_ROUTES = {
+    f"experiments.{name}": {"queue": WATCH_QUEUE}
+    for name in ("watch_engine", "watch", "complete", "stop", "reconcile", "sweep_archives")
+}
 CELERY_BEAT_SCHEDULE = {
     "reconcile": {
         "task": "experiments.reconcile",
@@ -187,10 +201,13 @@ LOCAL_ENGINE_DIR = Path(env_str("AICHOR_LOCAL_ENGINE_DIR", str(DATA_DIR / "local
 # The `local` engine runs workloads as the server's own user on its own host: a laptop's
 # zero-dependency default (`make run` turns it on), never a shared server's.
 LOCAL_ENGINE = env_bool("AICHOR_LOCAL_ENGINE", False)
-# How long one watch task follows a workload before handing over to a fresh task, so a
-# long experiment never pins a worker slot and a lost task is noticed by reconcile.
+# How long one engine watcher task runs before handing over to a fresh task (so a deployment
+# or a lost task never pins it), and how often it asks its engine for all its experiments.
 WATCH_SLICE_SECONDS = env_float("AICHOR_WATCH_SLICE_SECONDS", 30.0)
 WATCH_POLL_SECONDS = env_float("AICHOR_WATCH_POLL_SECONDS", 0.5)
+# One INFO line per watcher interval on logger experiments.watcher (counts of experiments,
+# changes, Docker calls, queries): what the scale benchmark reads.
+WATCH_STATS = env_bool("AICHOR_WATCH_STATS", False)
 # An active experiment whose task has not reported for this long is examined by reconcile.
 RECONCILE_STALE_SECONDS = env_float("AICHOR_RECONCILE_STALE_SECONDS", 120.0)
 CLONE_TIMEOUT_SECONDS = env_int("AICHOR_CLONE_TIMEOUT_SECONDS", 900)

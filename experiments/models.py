@@ -255,3 +255,16 @@ class WebhookDelivery(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["project", "provider", "delivery_id"], name="one_delivery_per_id")
         ]
+
+
+class EngineWatch(models.Model):
+    """The lease of an engine's watcher: one watcher per engine at a time. A watcher takes it when
+    it is free (owner "") or expired, renews it every interval and frees it at the end of its
+    slice; a watcher that died leaves it to expire."""
+
+    engine = models.OneToOneField(Engine, on_delete=models.CASCADE, primary_key=True, related_name="watch")
+    owner = models.CharField(max_length=100, blank=True)
+    expires_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"watch of engine {self.engine_id} by {self.owner or 'nobody'} until {self.expires_at}"

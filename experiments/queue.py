@@ -69,9 +69,11 @@ def refused(experiment_id: UUID) -> bool:
     return _broker_outage.take(experiment_id)
 
 
-def enqueue(task_name: str, experiment_id: UUID) -> None:
+def enqueue(task_name: str, experiment_id: UUID | int) -> None:
     """Send the task `experiments.<task_name>` once the current transaction commits (at once
-    outside one): a worker must never look for a row it cannot see yet."""
+    outside one): a worker must never look for a row it cannot see yet. The id is an
+    experiment's, or an engine's for its watcher (watch_engine). Which queue a task goes to is
+    settings.CELERY_TASK_ROUTES'."""
 
     def send() -> None:
         try:
@@ -82,7 +84,7 @@ def enqueue(task_name: str, experiment_id: UUID) -> None:
     transaction.on_commit(send)
 
 
-def _send(name: str, experiment_id: UUID) -> None:
+def _send(name: str, experiment_id: UUID | int) -> None:
     # The id travels as a UUID: kombu's JSON keeps its type, so the task gets what was sent.
     if not app.conf.task_always_eager:
         app.send_task(name, args=[experiment_id])
@@ -96,7 +98,7 @@ def _send(name: str, experiment_id: UUID) -> None:
 
 # Clone, build and submit follow each other in the task that began them: a hop through the
 # broker costs ~15 ms, and two of them were a fifth of the time from a push to a started
-# container. Watching is not chained: it keeps its own task (and, later, its own queue). A
+# container. Watching is not chained: the engine's watcher has its own queue. A
 # step resumed by reconcile arrives as a task of its own, as before.
 CHAINED = ("build", "submit")
 _chained: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("aichor_chained", default=None)

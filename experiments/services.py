@@ -5,7 +5,9 @@ import logging
 from datetime import datetime, timedelta
 from uuid import UUID
 
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -16,6 +18,7 @@ from experiments.models import (
     STATUS_TRANSITIONS,
     STEP_ORDER,
     STEP_TRANSITIONS,
+    EngineWatch,
     Event,
     Experiment,
     Status,
@@ -328,6 +331,21 @@ def heartbeat(experiment_id: UUID) -> bool:
     )
 
 
+def watched(engine_id: int):
+    """The experiments an engine's watcher follows: Running, and Completed ones a lost watcher
+    left half finished."""
+    return Experiment.objects.filter(
+        engine_id=engine_id, status=Status.PROCESSING, current_step__in=(StepName.RUNNING, StepName.COMPLETED)
+    )
+
+
+def heartbeat_watched(engine_id: int, every: float) -> int:
+    """One update for all of an engine's watched experiments; rows beaten less than `every`
+    seconds ago are left alone, so a thousand rows are not rewritten every interval."""
+    now = timezone.now()
+    return watched(engine_id).filter(heartbeat_at__lt=now - timedelta(seconds=every)).update(heartbeat_at=now)
+
+
 def is_active(experiment_id: UUID) -> bool:
     return Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES).exists()
 
@@ -538,3 +556,53 @@ def release_hold(experiment_id: UUID, *, actor=None, reason: str = "") -> bool:
 
 def expired_holds():
     return Experiment.objects.filter(hold_until__isnull=False, hold_until__lte=timezone.now())
+
+
+# --- The engine watcher's lease ---------------------------------------------------------------
+def watch_lease_seconds() -> float:
+    """A few intervals: a watcher that died is replaced this long after its last renewal."""
+    return max(5.0, 10 * settings.WATCH_POLL_SECONDS)
+
+
+def watch_stale_seconds() -> float:
+    """How old a watched experiment's heartbeat gets once no watcher beats it: a live watcher
+    beats every half lease."""
+    return watch_lease_seconds()
+
+
+def take_watch(engine_id: int, owner: str) -> bool:
+    """The lease of `engine_id`'s watcher for `owner`, if it is free or expired."""
+    now = timezone.now()
+    try:
+        EngineWatch.objects.get_or_create(engine_id=engine_id)
+    except IntegrityError:
+        pass  # created meanwhile by a twin watcher: the update below decides
+    free = Q(owner="") | Q(expires_at__lt=now)
+    until = now + timedelta(seconds=watch_lease_seconds())
+    return bool(EngineWatch.objects.filter(free, engine_id=engine_id).update(owner=owner, expires_at=until))
+
+
+def renew_watch(engine_id: int, owner: str) -> bool:
+    """False once another watcher took the lease over (this one was too slow): it must stop."""
+    until = timezone.now() + timedelta(seconds=watch_lease_seconds())
+    return bool(EngineWatch.objects.filter(engine_id=engine_id, owner=owner).update(expires_at=until))
+
+
+def release_watch(engine_id: int, owner: str) -> None:
+    EngineWatch.objects.filter(engine_id=engine_id, owner=owner).update(owner="", expires_at=timezone.now())
+
+
+def watcher_gone(engine_id: int) -> bool:
+    """Whether the engine's experiments went unwatched: its watcher died holding the lease, or
+    none ever ran (not one that freed it at the end of its slice)."""
+    lease = EngineWatch.objects.filter(engine_id=engine_id).values_list("owner", "expires_at").first()
+    return lease is None or (lease[0] != "" and lease[1] < timezone.now())
+
+
+def ensure_watcher(engine_id: int) -> bool:
+    """Enqueue the engine's watcher unless one holds a live lease. A twin is harmless: the
+    second finds the lease taken and returns. True when one was enqueued."""
+    if EngineWatch.objects.filter(engine_id=engine_id, expires_at__gte=timezone.now()).exclude(owner="").exists():
+        return False
+    enqueue("watch_engine", engine_id)
+    return True

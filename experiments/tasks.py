@@ -9,6 +9,7 @@ from celery import shared_task
 from django.conf import settings
 
 from experiments import archives, pipeline, queue, services
+from experiments.models import Experiment
 
 Step = Callable[[UUID], None]
 
@@ -76,10 +77,17 @@ def submit(experiment_id: UUID) -> None:
     _run_chain(_submit, experiment_id)
 
 
-@shared_task(name="experiments.watch", time_limit=settings.WATCH_SLICE_SECONDS + 600)
-@fails_on_crash("Running")
+@shared_task(name="experiments.watch_engine", time_limit=settings.WATCH_SLICE_SECONDS + 600)
+def watch_engine(engine_id: int) -> None:
+    pipeline.watch_engine(engine_id)
+
+
+@shared_task(name="experiments.watch", time_limit=60)
 def watch(experiment_id: UUID) -> None:
-    pipeline.run_watch(experiment_id)
+    """A per-experiment watch queued before the upgrade: its engine's watcher takes it over."""
+    engine_id = Experiment.objects.filter(pk=experiment_id).values_list("engine_id", flat=True).first()
+    if engine_id is not None:
+        services.ensure_watcher(engine_id)
 
 
 @shared_task(name="experiments.stop", time_limit=600)

@@ -209,13 +209,16 @@ def docker_client():
 @pytest.fixture
 def celery_worker_thread(transactional_db):
     """A real Celery worker in this process (threads pool, in-memory broker): the pipeline runs
-    concurrently with the test, as it would in production."""
+    concurrently with the test, as it would in production. It consumes both queues (pipeline
+    and watch), as a worker started without -Q does."""
     from celery.contrib.testing.worker import start_worker
     from celery.worker import state
+    from django.conf import settings
 
     from aichor.celery import app
 
-    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30):
+    queues = [queue.name for queue in settings.CELERY_TASK_QUEUES]
+    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30, queues=queues):
         yield
         # Let tasks under way finish while the test database is still open: the thread pool
         # does not wait for them at shutdown, and a chained pipeline (clone → build → submit)

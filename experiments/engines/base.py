@@ -129,9 +129,27 @@ class Engine:
         """Each process's phase, and its exit code once it exited."""
         raise NotImplementedError
 
+    def states(self, handles: dict[str, dict]) -> dict[str, list[ProcessState]]:
+        """The processes' states of many experiments (experiment id -> handle) at once, for the
+        engine's watcher: engines that can answer in one call (a labelled list) override it, so
+        a poll costs the same for ten experiments as for a thousand."""
+        return {experiment_id: self.status(handle) for experiment_id, handle in handles.items()}
+
     def logs(self, handle: dict, process: str, cursor: int | None = None) -> tuple[list[str], int | None]:
         """A process's output lines after `cursor` (opaque, engine-defined) and the new cursor."""
         raise NotImplementedError
+
+    def follow(self, handle: dict, process: str, cursor: int | None = None) -> tuple[list[str], int | None]:
+        """Like logs(), for a watcher that comes back every interval: an engine that can stream
+        keeps the stream open between calls, so a quiet process costs no request."""
+        return self.logs(handle, process, cursor)
+
+    def unfollow(self, handle: dict) -> None:
+        """Close what follow() keeps open for these processes (their experiment is no longer watched)."""
+
+    def calls(self) -> int:
+        """API requests this thread made through the engine so far (the watcher's stats)."""
+        return 0
 
     def final_logs(self, handle: dict, process: str, cursor: int | None) -> list[str]:
         """Everything left after `cursor` once the process has exited, partial last line included."""

@@ -13,10 +13,12 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import re
 import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -139,6 +141,8 @@ class DockerEngine(SingleHostEngine):
                 self._client = docker.DockerClient(base_url=self.base_url, timeout=120)
             except DockerException as exc:
                 raise EngineError(f"cannot reach the Docker Engine: {exc}") from None
+            # Counts this thread's requests for the watcher's stats (a hook costs next to nothing).
+            self._client.api.hooks["response"].append(_count_call)
             _CLIENTS[self.base_url] = self._client
         return self._client
 
@@ -416,6 +420,40 @@ class DockerEngine(SingleHostEngine):
             handle["netns"] = netns[0] if netns else next(iter(handle["containers"].values()))
         return handle
 
+    def states(self, handles: dict[str, dict]) -> dict[str, list[ProcessState]]:
+        """One labelled list for every experiment on this Docker host, whatever their number. Only
+        the handles' containers are processes: a namespace holder, or the original a debug hold
+        replaced, is never mistaken for one. An exit code the list's text does not give costs one
+        inspect, once, when that container has just exited."""
+        try:
+            listed = self.client.api.containers(all=True, filters={"label": LABEL})
+        except (APIError, DockerException) as exc:
+            raise EngineError(f"cannot list the containers: {_explain(exc)}") from None
+        by_id = {c["Id"]: c for c in listed}
+        return {
+            experiment_id: [
+                self._listed_state(name, by_id.get(cid)) for name, cid in handle.get("containers", {}).items()
+            ]
+            for experiment_id, handle in handles.items()
+        }
+
+    def _listed_state(self, name: str, container: dict | None) -> ProcessState:
+        if container is None:
+            return ProcessState(name, "missing")
+        state = container.get("State")
+        if state == "created":
+            return ProcessState(name, "pending")
+        if state not in ("exited", "dead"):
+            return ProcessState(name, "running")
+        code = _EXITED.match(container.get("Status") or "")
+        if code:
+            return ProcessState(name, "exited", int(code.group(1)))
+        try:
+            attrs = self.client.api.inspect_container(container["Id"])["State"]
+        except NotFound:
+            return ProcessState(name, "missing")
+        return ProcessState(name, "exited", int(attrs.get("ExitCode", -1)))
+
     def status(self, handle: dict) -> list[ProcessState]:
         states = []
         for name, cid in handle.get("containers", {}).items():
@@ -443,6 +481,25 @@ class DockerEngine(SingleHostEngine):
         if not cid:
             return [], cursor
         return _read_log(self.client.api, cid, cursor, final=False)
+
+    def follow(
+        self, handle: dict, process: str, cursor: list[int] | int | None = None
+    ) -> tuple[list[str], list[int] | None]:
+        """Like logs(), through a stream kept open between calls (`docker logs --follow`): a
+        quiet process costs a select on its socket, no request. Its end (the process exited)
+        closes it; the final collection reads from the cursor as logs() does."""
+        cid = handle.get("containers", {}).get(process)
+        if not cid:
+            return [], cursor
+        if self.base_url.startswith(("https://", "tcp://", "ssh://", "http+docker://ssh")):
+            return self.logs(handle, process, cursor)  # TLS and SSH sockets cannot be polled this way
+        return _follow_log(self.client.api, cid, cursor)
+
+    def unfollow(self, handle: dict) -> None:
+        _drop_followers(set(handle.get("containers", {}).values()))
+
+    def calls(self) -> int:
+        return getattr(_CALLS, "count", 0)
 
     def final_logs(self, handle: dict, process: str, cursor: list[int] | int | None) -> list[str]:
         """Once the process has exited: like logs(), plus its unfinished last line when the
@@ -831,14 +888,14 @@ class _LogReader:
     left for the next piece, except a line longer than the budget (stored in pieces) and, when
     `final`, the unfinished last line of an exited process."""
 
-    def __init__(self, api: docker.APIClient, cid: str, since_ns: int, taken: int) -> None:
+    def __init__(self, api: docker.APIClient, cid: str, since_ns: int, taken: int, follow: bool = False) -> None:
         stream = api.logs(
             cid,
             stdout=True,
             stderr=True,
             timestamps=True,
             stream=True,
-            follow=False,
+            follow=follow,
             # A float cannot carry nanoseconds: ask from a millisecond early, filter exactly below.
             since=(since_ns - _LOG_BUCKET_NS) / 1e9 if since_ns > _LOG_BUCKET_NS else None,
         )
@@ -846,7 +903,8 @@ class _LogReader:
         # urllib3 reads per message, too slow for millions of lines. (aichor never starts a
         # process with a TTY, whose log would not be multiplexed.)
         self._response = stream._response
-        self._frames = _frames(self._response)
+        self._source = _FollowSource(self._response) if follow else None
+        self._frames = self._source or _frames(self._response)
         self.since_ns, self.taken = since_ns, taken
         self.seen = 0  # messages stamped since_ns or later read so far
         self.stored = taken  # of those, how many are stored (by earlier calls or returned)
@@ -883,9 +941,11 @@ class _LogReader:
                     self._commit(lines)
                 break  # else the line starts the next piece, whole
         else:
-            self.ended = True
-            if self.pending and final:
-                self._commit(lines)
+            # A followed stream ran dry for now: it ends only with the process.
+            if self._source is None or self._source.eof:
+                self.ended = True
+                if self.pending and final:
+                    self._commit(lines)
         return lines, self.position()
 
     def position(self) -> tuple[int, int]:
@@ -962,3 +1022,144 @@ def _frames(response: requests.Response) -> Iterator[bytes]:
                 yield bytes(buf[pos + 8 : end])
             pos = end
         del buf[:pos]
+
+
+class _FollowSource:
+    """The frames of a followed log as they arrive, never waiting for more: the socket is read
+    only when select says it holds bytes, so a quiet process costs one select, no request. The
+    HTTP chunked encoding is undone here, as the body is read past http.client."""
+
+    READ_BYTES = 1 << 20  # at most this much per fill: the reader's budget stops a burst anyway
+
+    def __init__(self, response: requests.Response) -> None:
+        self._fp = response.raw._fp.fp  # http.client's buffered reader: it may hold the first bytes
+        self._sock = self._fp.raw._sock
+        self._sock.setblocking(False)
+        self._chunked = bool(response.raw.chunked)
+        self._chunk_left = 0
+        self._body = bytearray()  # received, chunk framing not yet removed
+        self._data = bytearray()  # the log stream, not yet cut into frames
+        self._frames: deque[bytes] = deque()
+        self._started = False
+        self.eof = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            if not self._frames:
+                self._fill()
+                if not self._frames:
+                    return
+            yield self._frames.popleft()
+
+    def _fill(self) -> None:
+        got = 0
+        while got < self.READ_BYTES and not self.eof:
+            # The first read takes what http.client buffered with the headers, if anything.
+            if self._started and not select.select([self._sock], [], [], 0)[0]:
+                return
+            try:
+                block = self._fp.read1(1 << 16)
+            except BlockingIOError:
+                return
+            except (OSError, ValueError):
+                self.eof = True
+                return
+            if not block:
+                # Readable and empty is the end; before the first select it only meant "nothing yet".
+                self.eof = self._started
+                self._started = True
+                return
+            self._started = True
+            got += len(block)
+            self._decode(block)
+
+    def _decode(self, block: bytes) -> None:
+        if not self._chunked:
+            self._data += block
+        else:
+            self._body += block
+            self._unchunk()
+        pos = 0
+        while len(self._data) - pos >= 8:
+            end = pos + 8 + int.from_bytes(self._data[pos + 4 : pos + 8], "big")
+            if end > len(self._data):
+                break
+            if end > pos + 8:
+                self._frames.append(bytes(self._data[pos + 8 : end]))
+            pos = end
+        del self._data[:pos]
+
+    def _unchunk(self) -> None:
+        while self._body:
+            if self._chunk_left:
+                take = min(self._chunk_left, len(self._body))
+                self._data += self._body[:take]
+                del self._body[:take]
+                self._chunk_left -= take
+                continue
+            end = self._body.find(b"\r\n")
+            if end < 0:
+                return
+            size = self._body[:end].split(b";")[0].strip()
+            del self._body[: end + 2]
+            if not size:
+                continue  # the line break closing a chunk's data
+            self._chunk_left = int(size, 16)
+            if not self._chunk_left:
+                self.eof = True  # the last chunk: the daemon ended the stream
+                self._body.clear()
+                return
+
+
+# Followed logs by container: the reader and the position it last returned. Kept between the
+# watcher's intervals (and its slices, in this process); closed when the experiment leaves the
+# watch, or when nobody asked for a while (the next slice went to another worker).
+_FOLLOWERS: dict[str, tuple["_LogReader", tuple[int, int]]] = {}
+_FOLLOWERS_LOCK = threading.Lock()
+_FOLLOWER_IDLE_SECONDS = 120.0
+
+
+def _follow_log(api: docker.APIClient, cid: str, cursor: list[int] | int | None) -> tuple[list[str], list[int] | None]:
+    position = _log_position(cursor)
+    with _FOLLOWERS_LOCK:
+        reader, at = _FOLLOWERS.pop(cid, (None, None))
+        idle = [key for key, (r, _) in _FOLLOWERS.items() if time.monotonic() - r.kept_at > _FOLLOWER_IDLE_SECONDS]
+        stale = [_FOLLOWERS.pop(key)[0] for key in idle]
+    for old in stale:
+        old.close()
+    if reader is not None and at != position:
+        reader.close()  # someone else moved the cursor (a final collection): start from it
+        reader = None
+    if reader is None:
+        try:
+            reader = _LogReader(api, cid, *position, follow=True)
+        except NotFound:
+            return [], cursor
+    try:
+        lines, position = reader.read(final=False)
+    except BaseException:
+        reader.close()
+        raise
+    if reader.ended:
+        reader.close()
+    else:
+        reader.kept_at = time.monotonic()
+        with _FOLLOWERS_LOCK:
+            _FOLLOWERS[cid] = (reader, position)
+    return lines, (None if position == (0, 0) else list(position))
+
+
+def _drop_followers(cids: set[str]) -> None:
+    with _FOLLOWERS_LOCK:
+        dropped = [_FOLLOWERS.pop(cid)[0] for cid in cids if cid in _FOLLOWERS]
+    for reader in dropped:
+        reader.close()
+
+
+# "Exited (3) 2 seconds ago": the exit code as the container list shows it.
+_EXITED = re.compile(r"^Exited \((-?\d+)\)")
+_CALLS = threading.local()
+
+
+def _count_call(response: requests.Response, *args, **kwargs) -> None:
+    _CALLS.count = getattr(_CALLS, "count", 0) + 1

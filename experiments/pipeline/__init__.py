@@ -7,7 +7,8 @@ from experiments.pipeline.clone import fetch_code, fetch_git, run_clone
 from experiments.pipeline.common import Liveness, StepFailed, workdir_of
 from experiments.pipeline.complete import stop
 from experiments.pipeline.reconcile import reconcile
-from experiments.pipeline.run import run_submit, run_watch
+from experiments.pipeline.run import run_submit
+from experiments.pipeline.watcher import watch_engine, watch_once
 
 __all__ = [
     "Liveness",
@@ -18,7 +19,8 @@ __all__ = [
     "run_build",
     "run_clone",
     "run_submit",
-    "run_watch",
     "stop",
+    "watch_engine",
+    "watch_once",
     "workdir_of",
 ]

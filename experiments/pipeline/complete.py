@@ -10,9 +10,10 @@ from experiments.engines.base import EngineError, ProcessInfo
 from experiments.logs import FLUSH_BYTES, LogWriter
 from experiments.models import Experiment, StepName, StepStatus
 from experiments.pipeline.common import log, workdir_of
+from experiments.queue import enqueue
 
-# At most this many engine reads per process in one poll of a watch: a workload printing
-# faster than that is caught up with at the end, never at the cost of noticing its exit.
+# At most this many engine reads per process in one visit of the watcher: a workload printing
+# faster than that is caught up with later, never at the cost of noticing exits.
 LOG_PIECES_PER_POLL = 8
 
 
@@ -24,8 +25,9 @@ def watch_state_of(stored: dict | None, processes: list[ProcessInfo]) -> dict:
     return state
 
 
-def collect_logs(engine, experiment_id, handle: dict, state: dict, final: bool = False) -> bool:
+def collect_logs(engine, experiment_id, handle: dict, state: dict, final: bool = False, follow: bool = False) -> bool:
     """Append new output of every process to its stored log; True when anything was new.
+    `follow`: the watcher's visits, through the streams the engine keeps open between them.
 
     Engines return a bounded piece per call (a workload printing gigabytes must not take the
     worker's memory with it), so a burst is read in several calls: while pieces come big during
@@ -38,9 +40,10 @@ def collect_logs(engine, experiment_id, handle: dict, state: dict, final: bool =
         if name in collected:
             continue
         writer = None  # opened on the first new output: a quiet poll costs no query
+        read = engine.follow if follow and not final else engine.logs
         try:
             for _piece in itertools.count() if final else range(LOG_PIECES_PER_POLL):
-                lines, cursors[name] = engine.logs(handle, name, cursors.get(name))
+                lines, cursors[name] = read(handle, name, cursors.get(name))
                 text = "".join(lines)
                 del lines
                 if not text:
@@ -80,9 +83,15 @@ def decided(state: dict, states) -> tuple[bool, int | None, str] | None:
 
 
 def finish(experiment: Experiment, engine, handle: dict, state: dict, states) -> None:
+    """Idempotent: only the caller that moves the experiment into Completed, or one resuming a
+    Completed experiment a lost watcher left, goes on. Removing the processes is the stop task's
+    (on the watch queue): the watcher hands it over rather than wait for Docker."""
     ok, exit_code, reason = decided(state, states) or (False, None, "the workload stopped reporting")
     outcome = StepStatus.SUCCEEDED if ok else StepStatus.FAILED
-    services.begin_step(experiment.pk, StepName.COMPLETED, previous_outcome=outcome, reason=reason)
+    begun = services.begin_step(experiment.pk, StepName.COMPLETED, previous_outcome=outcome, reason=reason)
+    if not begun and (experiment.is_terminal or experiment.current_step != StepName.COMPLETED):
+        return  # cancelled meanwhile, or finished by another
+    engine.unfollow(handle or {})
     manifest = experiment.typed_manifest
     hold = None if ok or manifest is None else manifest.spec.debug.hold_on_failure
     if handle and engine.processes(handle):
@@ -109,7 +118,7 @@ def finish(experiment: Experiment, engine, handle: dict, state: dict, states) ->
         )
         if hold and services.hold_for_debugging(experiment.pk, hold):
             services.step_log(experiment.pk, StepName.COMPLETED, f"spec.debug.holdOnFailure: processes kept {hold} s")
-    stop(experiment.pk)
+    enqueue("stop", experiment.pk)
 
 
 def stop(experiment_id) -> None:

@@ -111,7 +111,7 @@ def test_terminal_on_a_held_failed_experiment(
         lambda: all(s.phase == "exited" for s in get_engine(docker_engine).status(experiment.handle)),
         message="the workload to fail",
     )
-    pipeline.run_watch(experiment.pk)  # what the watch task does: Failed, held
+    assert pipeline.watch_once(experiment.engine)  # one interval of the engine's watcher: Failed, held
     experiment = Experiment.objects.get(pk=experiment.pk)
     assert experiment.status == "Failed" and experiment.is_held
 

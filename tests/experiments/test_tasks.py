@@ -37,7 +37,7 @@ def test_one_clone_task_carries_the_experiment_to_running(project, git_repo, sen
         tasks.clone(experiment.pk)
         experiment.refresh_from_db()
         assert (experiment.status, experiment.current_step) == (Status.PROCESSING, StepName.RUNNING)
-        assert sent == ["clone", "watch"]  # build and submit ran in the clone task
+        assert sent == ["clone", "watch_engine"]  # build and submit ran in the clone task
     finally:
         services.cancel_experiment(experiment)
         pipeline.stop(experiment.pk)
@@ -78,7 +78,7 @@ def test_a_worker_runs_clone_build_and_submit_in_one_task(project, git_repo, cel
     ours = [name for name, args in received if args == [experiment.pk]]
     assert ours[0] == "experiments.clone"
     assert "experiments.build" not in ours and "experiments.submit" not in ours
-    assert set(ours) <= {"experiments.clone", "experiments.watch", "experiments.stop"}
+    assert set(ours) <= {"experiments.clone", "experiments.stop"}
 
 
 def test_eager_mode_runs_the_pipeline_inline(project, git_repo, monkeypatch):

@@ -1,0 +1,124 @@
+"""The engine watcher at unit level: the docker engine's batched states, the watcher's lease,
+reconcile's hand-over to the engine's watcher, and an interval's cost whatever the number of
+quiet experiments (the stats line the benchmark reads)."""
+
+import logging
+import re
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from aichor.celery import app
+from experiments import services
+from experiments.engines import get_engine
+from experiments.models import EngineWatch, Experiment, Status
+from experiments.pipeline import reconcile
+from experiments.pipeline.watcher import Watcher
+from tests.experiments.test_terminal import start_running_experiment
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+STATS = re.compile(r"watch engine=\d+ experiments=(\d+) changes=(\d+) docker_calls=(\d+) queries=(\d+) seconds=[\d.]+")
+
+
+@pytest.fixture
+def sent(monkeypatch) -> list[tuple[str, list]]:
+    """The tasks sent through the broker, with their arguments (no worker runs them)."""
+    calls: list[tuple[str, list]] = []
+    monkeypatch.setattr(app, "send_task", lambda name, args=(), **k: calls.append((name, list(args))))
+    return calls
+
+
+@pytest.fixture
+def cleanup():
+    started: list[Experiment] = []
+    yield started
+    for experiment in started:
+        get_engine(experiment.engine).cleanup_experiment(str(experiment.pk))
+
+
+def run_many(project, engine_model, cleanup, count: int, command: str = "sleep 600") -> list[Experiment]:
+    for _ in range(count):
+        cleanup.append(start_running_experiment(project, engine_model, command=command))
+    return cleanup[-count:]
+
+
+def states_counted(engine, experiments: list[Experiment]) -> tuple[dict, int]:
+    before = engine.calls()
+    states = engine.states({str(e.pk): e.handle for e in experiments})
+    return states, engine.calls() - before
+
+
+@pytest.mark.docker
+def test_docker_states_make_one_request_for_one_or_ten_experiments(docker_project, docker_engine, cleanup):
+    engine = get_engine(docker_engine)
+    one = run_many(docker_project, docker_engine, cleanup, 1)
+    states, calls = states_counted(engine, one)
+    assert calls == 1 and [s.phase for s in states[str(one[0].pk)]] == ["running"]
+    ten = one + run_many(docker_project, docker_engine, cleanup, 9)
+    states, calls = states_counted(engine, ten)
+    assert calls == 1 and all([s.phase for s in states[str(e.pk)]] == ["running"] for e in ten)
+    failing = run_many(docker_project, docker_engine, cleanup, 1, command="exit 3")
+    wait_for(lambda: engine.status(failing[0].handle)[0].phase == "exited", message="the workload to exit")
+    states, calls = states_counted(engine, ten + failing)
+    assert calls == 1 and [(s.phase, s.exit_code) for s in states[str(failing[0].pk)]] == [("exited", 3)]
+
+
+def test_a_second_watcher_returns_at_once_and_takes_over_an_expired_lease(project, local_engine, cleanup):
+    run_many(project, local_engine, cleanup, 1)
+    first = Watcher(local_engine)
+    assert services.take_watch(local_engine.pk, first.owner)
+    started = time.monotonic()
+    assert Watcher(local_engine).run(30) is False
+    assert time.monotonic() - started < 1
+    EngineWatch.objects.filter(engine=local_engine).update(expires_at=timezone.now() - timedelta(seconds=1))
+    second = Watcher(local_engine)
+    assert second.run(0.3) is True  # a full slice: its successor is enqueued
+    assert not services.renew_watch(local_engine.pk, first.owner)  # the first stops at its next interval
+
+
+def test_reconcile_of_a_running_experiment_enqueues_the_engine_watcher(project, local_engine, cleanup, sent):
+    experiment = run_many(project, local_engine, cleanup, 1)[0]
+    Experiment.objects.filter(pk=experiment.pk).update(heartbeat_at=timezone.now() - timedelta(minutes=10))
+    sent.clear()
+    assert reconcile() == [str(experiment.pk)]
+    assert sent == [("experiments.watch_engine", [local_engine.pk])]
+    assert experiment.events.filter(reason="reconcile resumed Running").exists()
+    # A live watcher: nothing more is enqueued, and nothing is reported resumed.
+    assert services.take_watch(local_engine.pk, "alive")
+    Experiment.objects.filter(pk=experiment.pk).update(heartbeat_at=timezone.now() - timedelta(minutes=10))
+    assert reconcile() == []
+    assert len(sent) == 1
+
+
+def last_stats(caplog, engine_model) -> tuple[int, int, int, int]:
+    lines = [r.getMessage() for r in caplog.records if r.name == "experiments.watcher"]
+    assert lines, "no stats line"
+    found = STATS.fullmatch(lines[-1])
+    assert found, lines[-1]
+    return tuple(int(n) for n in found.groups())
+
+
+def stats_of_a_slice(caplog, engine_model) -> tuple[int, int, int, int]:
+    caplog.clear()
+    assert Watcher(engine_model).run(1.0)
+    return last_stats(caplog, engine_model)
+
+
+@pytest.mark.parametrize("kind", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+def test_an_interval_costs_the_same_for_2_and_12_quiet_experiments(kind, request, caplog, settings, cleanup, sent):
+    settings.WATCH_STATS = True
+    project = request.getfixturevalue("project" if kind == "local" else "docker_project")
+    engine_model = request.getfixturevalue(f"{kind}_engine")
+    caplog.set_level(logging.INFO, logger="experiments.watcher")
+    run_many(project, engine_model, cleanup, 2)
+    small = stats_of_a_slice(caplog, engine_model)
+    run_many(project, engine_model, cleanup, 10)
+    large = stats_of_a_slice(caplog, engine_model)
+    assert (small[0], large[0]) == (2, 12)
+    assert small[1] == large[1] == 0  # no changes
+    assert small[2:] == large[2:]  # docker_calls, queries
+    assert large[2] == (1 if kind == "docker" else 0)
+    assert all(e.status == Status.PROCESSING for e in Experiment.objects.all())

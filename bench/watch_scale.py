@@ -1,0 +1,491 @@
+"""Watching at scale (issue 12): N = 100, 300, 500 experiments of `sleep` running at once on the
+docker engine (`network: none`, limits raised), one deployment started as scripts/run.sh starts
+it (its celery commands are read from the script at run time, flags and all, with
+AICHOR_WATCH_STATS=true), PostgreSQL and Redis.
+
+Each round first times a bare `docker run -d` of N containers from the same base image, with as
+many at once as the pipeline worker's --concurrency (both then start N containers with the same
+parallelism), then delivers N signed pushes to the real webhook endpoint. Every experiment
+sleeps until its own epoch (the delivered message's last word): release + 20..60 s, where the
+release leaves time for all N to start, so all N run together in a steady phase before the
+first exit. One commit serves every delivery of a round: each body carries its own message, so
+the replay check lets each through as it would N commits, and clone, build (cached) and submit
+cost the same. Container start and exit times are the Docker daemon's events.
+
+Targets, per N:
+- container exit → Succeeded: p99 ≤ 2 s;
+- Docker calls and queries per watcher interval (the watcher's stats lines) when nothing
+  changes: the median at every N within +2 of the median at the smallest N; an interval with
+  changes costs at most one more Docker call per change (+2);
+- at the largest N, over the steady phase: the watch worker's CPU ≤ 25 % of one core, and its
+  peak RSS ≤ 300 MB;
+- submit → last container started, against the bare `docker run -d` of N: ≤ 1.3×.
+BENCH_WATCH_SIZES=10,20 runs smaller rounds (to debug)."""
+
+import json
+import os
+import re
+import shlex
+import statistics
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Its own broker database: a worker of another benchmark must not take this one's tasks.
+os.environ.setdefault("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
+from bench._common import BIN, ROOT, Processes, percentile, setup_django  # noqa: E402
+
+SIZES = [int(n) for n in os.environ.get("BENCH_WATCH_SIZES", "100,300,500").split(",")]
+LABEL = "aichor.experiment"
+BARE_LABEL = "aichor.bench-bare"
+COMMAND = "s=$(( ${AICHOR_EXPERIMENT_MESSAGE##* } - $(date +%s) )); if [ $s -gt 0 ]; then sleep $s; fi"
+STATS = re.compile(
+    r"watch engine=(?P<engine>\S+) experiments=(?P<experiments>\d+) changes=(?P<changes>\d+) "
+    r"docker_calls=(?P<docker_calls>\d+) queries=(?P<queries>\d+) seconds=(?P<seconds>[\d.]+)"
+)
+NOTICE_P99_S = 2.0
+CALLS_SLACK = 2
+CPU_TARGET = 25.0
+RSS_TARGET_MB = 300
+RATIO_TARGET = 1.3
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- The deployment, as scripts/run.sh starts it -------------------------------------------
+def _expand(word: str, env: dict) -> str:
+    def value(match: re.Match) -> str:
+        name, default = match.group(1) or match.group(3), match.group(2)
+        if name == "BIN":
+            return str(BIN)
+        return env.get(name) or (default if default is not None else "")
+
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", value, word)
+
+
+def run_sh_celery_commands(env: dict) -> list[list[str]]:
+    """Every celery command scripts/run.sh starts (workers, beat), with its variables expanded."""
+    text = (ROOT / "scripts" / "run.sh").read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        line = line.strip().removesuffix("&").strip()
+        words = shlex.split(line) if "celery" in line and not line.startswith("#") else []
+        if words and words[0].endswith("/celery"):
+            commands.append([_expand(w, env) for w in words])
+    if not commands:
+        raise RuntimeError("scripts/run.sh starts no celery command")
+    return commands
+
+
+def queues_of(args: list[str]) -> list[str]:
+    for i, arg in enumerate(args):
+        if arg in ("-Q", "--queues") and i + 1 < len(args):
+            return args[i + 1].split(",")
+        if arg.startswith(("-Q", "--queues=")) and arg not in ("-Q",):
+            return arg.split("=", 1)[-1].removeprefix("-Q").split(",")
+    return ["celery"] if "worker" in args else []
+
+
+def concurrency_of(args: list[str]) -> int:
+    for i, arg in enumerate(args):
+        if arg.startswith("--concurrency="):
+            return int(arg.split("=", 1)[1])
+        if arg in ("-c", "--concurrency") and i + 1 < len(args):
+            return int(args[i + 1])
+    return os.cpu_count() or 1
+
+
+# --- /proc --------------------------------------------------------------------------------
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        for p in [pid, *descendants(pid)]:
+            try:
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    peak = 0
+    for pid in pids:
+        for p in [pid, *descendants(pid)]:
+            try:
+                for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+            except OSError:
+                continue
+    return peak / 1024
+
+
+# --- Docker -------------------------------------------------------------------------------
+class ContainerEvents:
+    """Start and exit times of aichor's process containers, by experiment id, as the daemon saw
+    them: the stop task removes a container right after its experiment ends."""
+
+    def __init__(self, client) -> None:
+        self.started: dict[str, float] = {}
+        self.exited: dict[str, float] = {}
+        self._stream = client.events(
+            since=int(time.time()) - 1,
+            decode=True,
+            filters={"type": "container", "label": LABEL, "event": ["start", "die"]},
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for event in self._stream:
+                attributes = event.get("Actor", {}).get("Attributes", {})
+                experiment_id = attributes.get(LABEL)
+                if experiment_id and "aichor.netns" not in attributes:
+                    seen = self.started if event.get("Action") == "start" else self.exited
+                    seen.setdefault(experiment_id, event["timeNano"] / 1e9)
+        except Exception:  # closed at the end
+            pass
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def remove_containers(client, label: str, keep=lambda labels: True) -> None:
+    found = [c for c in client.api.containers(all=True, filters={"label": label}) if keep(c["Labels"])]
+
+    def remove(container: dict) -> None:
+        try:
+            client.api.remove_container(container["Id"], force=True)
+        except Exception:  # already gone
+            pass
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(remove, found))
+
+
+def bare_run(image: str, n: int, at_once: int) -> float:
+    """Seconds for `docker run -d` of n containers, `at_once` commands in flight."""
+    import subprocess
+
+    def run(_i: int) -> None:
+        subprocess.run(
+            ["docker", "run", "-d", "--network", "none", "--label", f"{BARE_LABEL}=1", image, "sleep", "600"],
+            check=True,
+            capture_output=True,
+        )
+
+    t0 = time.time()
+    with ThreadPoolExecutor(at_once) as pool:
+        list(pool.map(run, range(n)))
+    return time.time() - t0
+
+
+# --- Stats lines --------------------------------------------------------------------------
+class WorkerLogs:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def offsets(self) -> dict[Path, int]:
+        return {p: p.stat().st_size for p in self.folder.glob("celery-*.log")}
+
+    def stats_since(self, start: dict[Path, int], end: dict[Path, int] | None, engine_id: int) -> list[dict]:
+        found = []
+        for path in self.folder.glob("celery-*.log"):
+            with path.open("rb") as fh:
+                fh.seek(start.get(path, 0))
+                data = fh.read((end or {}).get(path, path.stat().st_size) - start.get(path, 0))
+            for match in STATS.finditer(data.decode(errors="replace")):
+                if match["engine"] == str(engine_id):
+                    found.append({k: float(v) for k, v in match.groupdict().items() if k != "engine"})
+        return found
+
+
+def median_of(lines: list[dict], key: str) -> float | None:
+    return statistics.median(line[key] for line in lines) if lines else None
+
+
+# --- One round ----------------------------------------------------------------------------
+def main() -> int:
+    env = setup_django("aichor_bench_watch")
+    # The production watch interval, not _common's fast poll for latency benchmarks.
+    env.pop("AICHOR_WATCH_POLL_SECONDS", None)
+    # PYTHONPATH: the workers import this checkout's code (also when run from a copy of it).
+    env |= {"AICHOR_WATCH_STATS": "true", "AICHOR_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
+    import docker
+    import redis
+    import requests
+
+    from experiments.limits import MAX_PROCESSES, MAX_RUNNING
+    from experiments.models import Experiment
+    from experiments.services import cancel_experiment
+    from projects.models import Engine, Project
+    from projects.services import create_project
+    from tests.helpers import DOCKERFILE, TEST_IMAGE, GitRepo, ensure_test_image, github_signature, manifest_yaml
+
+    client = docker.from_env(timeout=300)
+    ensure_test_image(client)
+    redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+    Project.objects.filter(slug="bench-watch").delete()
+    import tempfile
+
+    repo = GitRepo(Path(tempfile.mkdtemp(prefix="aichor-bench-watch-")))
+    limit = 10 * max(SIZES)
+    engine, _ = Engine.objects.update_or_create(
+        name="bench-watch-docker",
+        defaults={"kind": "docker", "config": {"network": "none", MAX_RUNNING: limit, MAX_PROCESSES: limit}},
+    )
+    create_project(
+        name="Bench watch", slug="bench-watch", repo_clone_url=repo.url, engines=[engine], webhook_secret="bench"
+    )
+    sha = repo.commit(
+        {"aichor_manifests/train.yaml": manifest_yaml(COMMAND), "Dockerfile": DOCKERFILE, "nonce": uuid.uuid4().hex},
+        "aichor[train.yaml]: watch scale",
+    )
+
+    commands = run_sh_celery_commands(env)
+    procs = Processes(env)
+    started = [(args, procs.start(*args)) for args in commands]
+    workers = [(args, child) for args, child in started if "worker" in args]
+    watchers = [child.pid for args, child in workers if "watch" in queues_of(args)] or [c.pid for _a, c in workers]
+    pipeline_concurrency = next(
+        (concurrency_of(args) for args, _c in workers if "celery" in queues_of(args)), concurrency_of(workers[0][0])
+    )
+    url = procs.server()
+    session = requests.Session()
+    logs = WorkerLogs(Path(env["AICHOR_DATA_DIR"]))
+    events = ContainerEvents(client)
+    ids: list[str] = []
+
+    def deliver(message: str) -> str:
+        body = json.dumps({"ref": "refs/heads/main", "head_commit": {"id": sha, "message": message}}).encode()
+        headers = {
+            "X-GitHub-Event": "push",
+            "X-GitHub-Delivery": str(uuid.uuid4()),
+            "X-Hub-Signature-256": github_signature(body, "bench"),
+            "Content-Type": "application/json",
+        }
+        response = session.post(f"{url}/webhooks/github/bench-watch/", data=body, headers=headers, timeout=30)
+        response.raise_for_status()
+        ids.append(response.json()["experiment"])
+        return ids[-1]
+
+    results: dict[int, dict] = {}
+    try:
+        warm = deliver(f"aichor[train.yaml]: warm-up ends {int(time.time())}")
+        deadline = time.time() + 180
+        while not Experiment.objects.filter(pk=warm, status="Succeeded").exists():
+            if time.time() > deadline:
+                raise RuntimeError("the warm-up experiment did not succeed within 180 s")
+            time.sleep(0.2)
+        for n in SIZES:
+            results[n] = one_round(
+                n,
+                client,
+                deliver,
+                events,
+                logs,
+                engine.pk,
+                watchers,
+                pipeline_concurrency,
+                TEST_IMAGE,
+                cancel_experiment,
+            )
+    finally:
+        events.close()
+        procs.stop_all()
+        remove_containers(client, BARE_LABEL)
+        ours = set(ids)
+        remove_containers(client, LABEL, keep=lambda labels: labels.get(LABEL) in ours)
+        redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+    return report(results)
+
+
+def one_round(n, client, deliver, events, logs, engine_id, watchers, at_once, image, cancel) -> dict:
+    from experiments.models import Experiment
+
+    print(f"watch_scale: N={n}: bare docker run -d ({at_once} at once)", file=sys.stderr, flush=True)
+    bare = bare_run(image, n, at_once)
+    remove_containers(client, BARE_LABEL)
+
+    # Time for all n to start before the first ends: twice the bare figure, at least 20 s.
+    release = int(time.time() + max(20.0, 2 * bare) + 5)
+    print(f"watch_scale: N={n}: delivering (bare took {bare:.1f} s)", file=sys.stderr, flush=True)
+    sent: dict[str, float] = {}
+    t0 = time.time()
+    for i in range(n):
+        t = time.time()
+        sent[deliver(f"aichor[train.yaml]: N={n} run {i} ends {release + 20 + i % 41}")] = t
+    batch = list(sent)
+
+    def all_started() -> bool:
+        return all(e in events.started for e in batch)
+
+    while not all_started() and time.time() < release + 19:
+        time.sleep(0.2)
+    last_start = max((events.started[e] for e in batch if e in events.started), default=None)
+    steady = None
+    if all_started() and time.time() < release + 12:
+        # Nothing changes between here and the first exit (release + 20).
+        steady_from = time.time() + 1
+        while time.time() < steady_from:
+            time.sleep(0.1)
+        offsets, cpu0 = logs.offsets(), cpu_seconds(watchers)
+        while time.time() < release + 19:
+            time.sleep(0.2)
+        steady = {
+            "seconds": time.time() - steady_from,
+            "cpu_percent": 100 * (cpu_seconds(watchers) - cpu0) / (time.time() - steady_from),
+            "lines": logs.stats_since(offsets, logs.offsets(), engine_id),
+            "end": logs.offsets(),
+        }
+    print(f"watch_scale: N={n}: waiting for the exits", file=sys.stderr, flush=True)
+    last_end = release + 20 + min(n - 1, 40)
+    while time.time() < last_end + 30:
+        if Experiment.objects.filter(pk__in=batch, status__in=["Succeeded", "Failed", "Cancelled"]).count() == n:
+            break
+        time.sleep(0.5)
+    rows = {
+        str(pk): (status, fin)
+        for pk, status, fin in Experiment.objects.filter(pk__in=batch).values_list("pk", "status", "finished_at")
+    }
+    now = time.time()
+    lags = []
+    for e in batch:
+        status, finished = rows[e]
+        if e in events.exited:
+            lags.append((finished.timestamp() if status == "Succeeded" else now) - events.exited[e])
+    unfinished = [e for e in batch if rows[e][0] not in ("Succeeded", "Failed", "Cancelled")]
+    for e in unfinished:
+        try:
+            cancel(Experiment.objects.get(pk=e))
+        except Exception:  # it ended meanwhile
+            pass
+    changed = logs.stats_since(steady["end"], None, engine_id) if steady else []
+    starts = [events.started[e] - sent[e] for e in batch if e in events.started]
+    return {
+        "bare_s": bare,
+        "pipeline_s": (last_start - t0) if last_start and len(starts) == n else None,
+        "started": len(starts),
+        "submit_to_start_median_s": statistics.median(starts) if starts else None,
+        "exit_to_succeeded_p99_s": percentile(lags, 99) if lags else None,
+        "exit_to_succeeded_max_s": max(lags) if lags else None,
+        "exits_seen": len(lags),
+        "not_succeeded": sum(1 for e in batch if rows[e][0] != "Succeeded"),
+        "steady": steady,
+        "changed": [line for line in changed if line["changes"] > 0],
+        "rss_mb": peak_rss_mb(watchers),
+    }
+
+
+# --- Report -------------------------------------------------------------------------------
+def report(results: dict[int, dict]) -> int:
+    ok = True
+    lines = ["watch_scale"]
+
+    def check(label: str, value, target: str, passed: bool) -> None:
+        nonlocal ok
+        ok = ok and passed
+        lines.append(f"  {label}: {value}  (target {target}) {'PASS' if passed else 'FAIL'}")
+
+    def fmt(value, unit: str = " s") -> str:
+        return "n/a" if value is None else f"{value:.2f}{unit}"
+
+    sizes = sorted(results)
+    idle = {}
+    for n in sizes:
+        r = results[n]
+        lines.append(f" N={n}: {r['started']} of {n} started, {n - r['not_succeeded']} Succeeded")
+        p99 = r["exit_to_succeeded_p99_s"]
+        check(
+            f"container exit -> Succeeded p99 (max {fmt(r['exit_to_succeeded_max_s'])}, {r['exits_seen']} exits)",
+            fmt(p99),
+            f"<= {NOTICE_P99_S} s",
+            p99 is not None and p99 <= NOTICE_P99_S and r["exits_seen"] == n and r["not_succeeded"] == 0,
+        )
+        ratio = r["pipeline_s"] / r["bare_s"] if r["pipeline_s"] else None
+        check(
+            f"submit -> last container started {fmt(r['pipeline_s'])} vs bare docker run -d {fmt(r['bare_s'])}"
+            f" (median per experiment {fmt(r['submit_to_start_median_s'])}); ratio",
+            fmt(ratio, ""),
+            f"<= {RATIO_TARGET}",
+            ratio is not None and ratio <= RATIO_TARGET,
+        )
+        steady = r["steady"]
+        quiet = [line for line in (steady or {}).get("lines", []) if line["changes"] == 0]
+        idle[n] = (median_of(quiet, "docker_calls"), median_of(quiet, "queries"))
+        lines.append(
+            f"  steady phase: {fmt(steady and steady['seconds'])}, {len(quiet)} quiet intervals, median "
+            f"docker_calls {idle[n][0]}, queries {idle[n][1]}, "
+            f"experiments {median_of(quiet, 'experiments')}, seconds {median_of(quiet, 'seconds')}"
+        )
+        check(f"intervals with no change, N={n}", len(quiet), ">= 1 stats line", bool(quiet))
+        calls = idle[n][0]
+        extra = [line["docker_calls"] - calls - line["changes"] for line in r["changed"]] if calls is not None else []
+        per_change_queries = (
+            max((line["queries"] - idle[n][1]) / line["changes"] for line in r["changed"]) if extra else None
+        )
+        check(
+            f"Docker calls beyond one per change, {len(r['changed'])} intervals with changes;"
+            f" max extra queries per change {fmt(per_change_queries, '')}",
+            fmt(max(extra) if extra else None, ""),
+            f"<= {CALLS_SLACK}",
+            bool(extra) and max(extra) <= CALLS_SLACK,
+        )
+    first = sizes[0]
+    for n in sizes[1:]:
+        for k, name in enumerate(("docker_calls", "queries")):
+            a, b = idle[first][k], idle[n][k]
+            check(
+                f"{name} per quiet interval, N={n} vs N={first}",
+                f"{b} vs {a}",
+                f"<= +{CALLS_SLACK}",
+                a is not None and b is not None and b <= a + CALLS_SLACK,
+            )
+    top = results[sizes[-1]]
+    cpu = top["steady"]["cpu_percent"] if top["steady"] else None
+    check(
+        f"watch worker CPU over the steady phase, N={sizes[-1]}",
+        fmt(cpu, " %"),
+        f"<= {CPU_TARGET} %",
+        cpu is not None and cpu <= CPU_TARGET,
+    )
+    check(
+        f"watch worker peak RSS, N={sizes[-1]}",
+        fmt(top["rss_mb"], " MB"),
+        f"<= {RSS_TARGET_MB} MB",
+        top["rss_mb"] <= RSS_TARGET_MB,
+    )
+    print("\n".join(lines))
+    summary = {
+        str(n): {k: v for k, v in r.items() if k not in ("steady", "changed")}
+        | {
+            "quiet_docker_calls": idle[n][0],
+            "quiet_queries": idle[n][1],
+            "steady_cpu_percent": r["steady"]["cpu_percent"] if r["steady"] else None,
+        }
+        for n, r in results.items()
+    }
+    print(json.dumps({"bench": "watch_scale", "sizes": summary, "pass": ok}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 # The benchmark's repository is a local bare one (file://), as `make run`'s demo is.
 os.environ.setdefault("AICHOR_ALLOW_LOCAL_REPOS", "true")
-from bench._common import Processes, setup_django  # noqa: E402
+from bench._common import Processes, descendants, setup_django  # noqa: E402
 
 LINES = 2_000_000
 PEAK_RSS_TARGET_MB = 300
@@ -60,20 +60,6 @@ def kib(pid: int, field: str) -> int:
     except OSError:
         pass
     return 0
-
-
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            todo += children
-    return found
 
 
 def main() -> int:

@@ -28,7 +28,6 @@ import re
 import shlex
 import statistics
 import sys
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # Its own broker database: a worker of another benchmark must not take this one's tasks.
 os.environ.setdefault("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
-from bench._common import BIN, ROOT, Processes, percentile, setup_django  # noqa: E402
+from bench._common import BIN, ROOT, Processes, descendants, percentile, setup_django  # noqa: E402
 
 SIZES = [int(n) for n in os.environ.get("BENCH_WATCH_SIZES", "100,300,500").split(",")]
 LABEL = "aichor.experiment"
@@ -99,20 +98,6 @@ def concurrency_of(args: list[str]) -> int:
 
 
 # --- /proc --------------------------------------------------------------------------------
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            todo += children
-    return found
-
-
 def cpu_seconds(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -139,35 +124,6 @@ def peak_rss_mb(pids: list[int]) -> float:
 
 
 # --- Docker -------------------------------------------------------------------------------
-class ContainerEvents:
-    """Start and exit times of aichor's process containers, by experiment id, as the daemon saw
-    them: the stop task removes a container right after its experiment ends."""
-
-    def __init__(self, client) -> None:
-        self.started: dict[str, float] = {}
-        self.exited: dict[str, float] = {}
-        self._stream = client.events(
-            since=int(time.time()) - 1,
-            decode=True,
-            filters={"type": "container", "label": LABEL, "event": ["start", "die"]},
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        try:
-            for event in self._stream:
-                attributes = event.get("Actor", {}).get("Attributes", {})
-                experiment_id = attributes.get(LABEL)
-                if experiment_id and "aichor.netns" not in attributes:
-                    seen = self.started if event.get("Action") == "start" else self.exited
-                    seen.setdefault(experiment_id, event["timeNano"] / 1e9)
-        except Exception:  # closed at the end
-            pass
-
-    def close(self) -> None:
-        self._stream.close()
-
-
 def remove_containers(client, label: str, keep=lambda labels: True) -> None:
     found = [c for c in client.api.containers(all=True, filters={"label": label}) if keep(c["Labels"])]
 
@@ -238,7 +194,15 @@ def main() -> int:
     from experiments.services import cancel_experiment
     from projects.models import Engine, Project
     from projects.services import create_project
-    from tests.helpers import DOCKERFILE, TEST_IMAGE, GitRepo, ensure_test_image, github_signature, manifest_yaml
+    from tests.helpers import (
+        DOCKERFILE,
+        TEST_IMAGE,
+        ContainerEvents,
+        GitRepo,
+        ensure_test_image,
+        github_signature,
+        manifest_yaml,
+    )
 
     client = docker.from_env(timeout=300)
     ensure_test_image(client)

@@ -41,6 +41,8 @@ class StepName(models.TextChoices):
 
 
 STEP_ORDER = [s.value for s in StepName]
+# The steps an engine's watcher follows: Running, and Completed ones a lost watcher left half finished.
+WATCHED_STEPS = (StepName.RUNNING, StepName.COMPLETED)
 
 
 class StepStatus(models.TextChoices):

@@ -18,6 +18,7 @@ from experiments.models import (
     STATUS_TRANSITIONS,
     STEP_ORDER,
     STEP_TRANSITIONS,
+    WATCHED_STEPS,
     EngineWatch,
     Event,
     Experiment,
@@ -334,9 +335,7 @@ def heartbeat(experiment_id: UUID) -> bool:
 def watched(engine_id: int):
     """The experiments an engine's watcher follows: Running, and Completed ones a lost watcher
     left half finished."""
-    return Experiment.objects.filter(
-        engine_id=engine_id, status=Status.PROCESSING, current_step__in=(StepName.RUNNING, StepName.COMPLETED)
-    )
+    return Experiment.objects.filter(engine_id=engine_id, status=Status.PROCESSING, current_step__in=WATCHED_STEPS)
 
 
 def heartbeat_watched(engine_id: int, every: float) -> int:
@@ -385,13 +384,10 @@ def record_submission(experiment_id: UUID, handle: dict, deadline: datetime | No
     )
 
 
-def save_watch_state(experiment_id: UUID, watch_state: dict, *, beat: bool = False) -> bool:
-    """The watch's log cursors and collected logs, so the next watch task resumes where this one
-    stopped; `beat` also tells reconcile the watch is alive."""
-    fields: dict = {"watch_state": watch_state}
-    if beat:
-        fields["heartbeat_at"] = timezone.now()
-    return bool(Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES).update(**fields))
+def save_watch_state(experiment_id: UUID, watch_state: dict) -> bool:
+    """The watch's log cursors and collected logs, so the next watcher resumes where this one
+    stopped."""
+    return bool(Experiment.objects.filter(pk=experiment_id, status__in=ACTIVE_STATUSES).update(watch_state=watch_state))
 
 
 def record_handle(experiment_id: UUID, handle: dict) -> bool:
@@ -562,12 +558,6 @@ def expired_holds():
 def watch_lease_seconds() -> float:
     """A few intervals: a watcher that died is replaced this long after its last renewal."""
     return max(5.0, 10 * settings.WATCH_POLL_SECONDS)
-
-
-def watch_stale_seconds() -> float:
-    """How old a watched experiment's heartbeat gets once no watcher beats it: a live watcher
-    beats every half lease."""
-    return watch_lease_seconds()
 
 
 def take_watch(engine_id: int, owner: str) -> bool:

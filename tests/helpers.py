@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -237,3 +238,37 @@ def project_change_form(project, *, new_member: str | None = None, **fields) -> 
             f"memberships-{n}-role": "member",
         }
     return data
+
+
+# --- Docker events ----------------------------------------------------------------------------
+class ContainerEvents:
+    """When each experiment's process container started and exited, as the daemon saw it: the
+    stop task removes a container right after its experiment ends, so inspecting it later races."""
+
+    def __init__(self, client) -> None:
+        self.started: dict[str, float] = {}
+        self.exited: dict[str, float] = {}
+        # `since`: events between the subscription's request and its first read are replayed.
+        self._stream = client.events(
+            since=int(time.time()) - 1,
+            decode=True,
+            filters={"type": "container", "label": "aichor.experiment", "event": ["start", "die"]},
+        )
+        self._thread = threading.Thread(target=self._read, name="docker-events", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self._stream:
+                attributes = event.get("Actor", {}).get("Attributes", {})
+                experiment_id = attributes.get("aichor.experiment")
+                if not experiment_id or "aichor.netns" in attributes:
+                    continue
+                seen = self.started if event.get("Action") == "start" else self.exited
+                seen.setdefault(experiment_id, event["timeNano"] / 1e9)
+        except Exception:  # the stream closed under the reader: the test is over
+            pass
+
+    def close(self) -> None:
+        self._stream.close()
+        self._thread.join(5)

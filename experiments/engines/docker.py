@@ -828,7 +828,9 @@ def _read_log(
     return lines, (None if position == (0, 0) else list(position))
 
 
-def _read_piece(cid: str, reader: "_LogReader", final: bool) -> tuple[list[str], tuple[int, int]]:
+def _read_piece(cid: str, reader: "_LogReader", final: bool, keep=None) -> tuple[list[str], tuple[int, int]]:
+    """Read from `reader`; close it at its end, else `keep` it (by default for the next
+    one-shot read at this position)."""
     try:
         lines, position = reader.read(final=final)
     except BaseException:
@@ -837,7 +839,7 @@ def _read_piece(cid: str, reader: "_LogReader", final: bool) -> tuple[list[str],
     if reader.ended:
         reader.close()
     else:
-        _keep_reader(cid, position, reader)
+        (keep or _keep_reader)(cid, position, reader)
     return lines, position
 
 
@@ -1135,18 +1137,14 @@ def _follow_log(api: docker.APIClient, cid: str, cursor: list[int] | int | None)
             reader = _LogReader(api, cid, *position, follow=True)
         except NotFound:
             return [], cursor
-    try:
-        lines, position = reader.read(final=False)
-    except BaseException:
-        reader.close()
-        raise
-    if reader.ended:
-        reader.close()
-    else:
-        reader.kept_at = time.monotonic()
-        with _FOLLOWERS_LOCK:
-            _FOLLOWERS[cid] = (reader, position)
+    lines, position = _read_piece(cid, reader, False, keep=_keep_follower)
     return lines, (None if position == (0, 0) else list(position))
+
+
+def _keep_follower(cid: str, position: tuple[int, int], reader: "_LogReader") -> None:
+    reader.kept_at = time.monotonic()
+    with _FOLLOWERS_LOCK:
+        _FOLLOWERS[cid] = (reader, position)
 
 
 def _drop_followers(cids: set[str]) -> None:

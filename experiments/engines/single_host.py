@@ -128,7 +128,8 @@ def plan_processes(workload: Workload, *, host: str, ports: list[int]) -> list[P
 
     if operator == "kuberay":
         head = next(g for g in workload.groups if g.role == "head")
-        params = " ".join(f"--{k}={shlex.quote(str(v))}" for k, v in head.ray_start_params.items())
+        # Quoted whole: a key is manifest text too, and must stay one flag of `ray start`.
+        params = " ".join(shlex.quote(f"--{k}={v}") for k, v in head.ray_start_params.items())
         address = f"{host}:{ports[0]}"
         ray = {"RAY_ADDRESS": address}
         processes = [proc("head", ray, head, f"ray start --head --port={ports[0]} --block {params}")]

@@ -6,7 +6,7 @@ from uuid import UUID
 from django.conf import settings
 
 from experiments import services
-from experiments.models import Experiment, StepName
+from experiments.models import WATCHED_STEPS, Experiment, StepName
 from experiments.queue import next_step
 
 RESUME = {
@@ -15,7 +15,6 @@ RESUME = {
     StepName.BUILDING: "build",
     StepName.SUBMITTING: "submit",
 }
-WATCHED = (StepName.RUNNING, StepName.COMPLETED)
 
 
 def reconcile(stale_seconds: float | None = None) -> list[str]:
@@ -25,7 +24,7 @@ def reconcile(stale_seconds: float | None = None) -> list[str]:
     stale = services.stale_active(settings.RECONCILE_STALE_SECONDS if stale_seconds is None else stale_seconds)
     moved: list[UUID] = []
     slots: set[tuple] = set()
-    rows = stale.exclude(current_step__in=WATCHED).values_list(
+    rows = stale.exclude(current_step__in=WATCHED_STEPS).values_list(
         "id", "current_step", "waiting_reason", "project_id", "engine_id"
     )
     for experiment_id, current_step, waiting_reason, project_id, engine_id in rows:
@@ -38,7 +37,7 @@ def reconcile(stale_seconds: float | None = None) -> list[str]:
         services.record_action(experiment_id, f"reconcile resumed {current_step}")
         next_step(RESUME[current_step], experiment_id)
         moved.append(experiment_id)
-    moved += resume_watchers(services.watch_stale_seconds() if stale_seconds is None else stale_seconds)
+    moved += resume_watchers(services.watch_lease_seconds() if stale_seconds is None else stale_seconds)
     for project_id, engine_id in slots:
         moved += services.start_waiting_experiments(project_id, engine_id)
     for experiment_id in services.expired_holds().values_list("id", flat=True):
@@ -52,13 +51,15 @@ def resume_watchers(stale_seconds: float) -> list[UUID]:
     holding the lease or never ran, or when their heartbeats are older than `stale_seconds`
     (a successor's message was lost); a hand-over between two slices passes quietly."""
     moved: list[UUID] = []
-    engines = Experiment.objects.active().filter(current_step__in=WATCHED).values_list("engine_id", flat=True)
+    engines = Experiment.objects.active().filter(current_step__in=WATCHED_STEPS).values_list("engine_id", flat=True)
     for engine_id in set(engines):
         gone = services.watcher_gone(engine_id)
         if not services.ensure_watcher(engine_id):
             continue
         resumed = services.watched(engine_id) if gone else services.stale_active(stale_seconds)
-        rows = list(resumed.filter(engine_id=engine_id, current_step__in=WATCHED).values_list("id", "current_step"))
+        rows = list(
+            resumed.filter(engine_id=engine_id, current_step__in=WATCHED_STEPS).values_list("id", "current_step")
+        )
         for experiment_id, current_step in rows:
             services.record_action(experiment_id, f"reconcile resumed {current_step}")
             moved.append(experiment_id)

@@ -8,7 +8,6 @@ so inspecting it for `State.FinishedAt` afterwards would race the removal.
 Every figure is gathered before anything is asserted: against a watch that falls behind the test
 reports all the symptoms at once instead of the first one."""
 
-import threading
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from experiments import logs
 from experiments.limits import MAX_PROCESSES, MAX_RUNNING
 from experiments.models import Event, Experiment, Status, StepName, StepStatus
 from experiments.services import cancel_experiment
-from tests.helpers import DOCKERFILE, github_push, manifest_yaml, wait_for
+from tests.helpers import DOCKERFILE, ContainerEvents, github_push, manifest_yaml, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
 
@@ -30,38 +29,6 @@ LABEL = "aichor.experiment"
 # one image, built once), yet each sleeps its own time.
 COMMAND = 'echo "sleeping ${AICHOR_EXPERIMENT_MESSAGE##* } s"; sleep ${AICHOR_EXPERIMENT_MESSAGE##* }; echo done'
 NOTICE_S = 2.0  # container exit → Succeeded, cancel → container gone
-
-
-class ContainerEvents:
-    """When each experiment's process container started and exited, as the daemon saw it."""
-
-    def __init__(self, client) -> None:
-        self.started: dict[str, float] = {}
-        self.exited: dict[str, float] = {}
-        # `since`: events between the subscription's request and its first read are replayed.
-        self._stream = client.events(
-            since=int(time.time()) - 1,
-            decode=True,
-            filters={"type": "container", "label": LABEL, "event": ["start", "die"]},
-        )
-        self._thread = threading.Thread(target=self._read, name="docker-events", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            for event in self._stream:
-                attributes = event.get("Actor", {}).get("Attributes", {})
-                experiment_id = attributes.get(LABEL)
-                if not experiment_id or "aichor.netns" in attributes:
-                    continue
-                seen = self.started if event.get("Action") == "start" else self.exited
-                seen.setdefault(experiment_id, event["timeNano"] / 1e9)
-        except Exception:  # the stream closed under the reader: the test is over
-            pass
-
-    def close(self) -> None:
-        self._stream.close()
-        self._thread.join(5)
 
 
 def reached(predicate, timeout: float) -> bool:

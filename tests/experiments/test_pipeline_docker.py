@@ -185,8 +185,10 @@ def test_pytorch_workers_reach_each_other_on_localhost(
 ):
     # The processes of one experiment share one network namespace, as the containers of a pod:
     # rank 1 reaches rank 0's listener at MASTER_ADDR (127.0.0.1) without any host network.
+    # Rank 0's stdin is a FIFO it holds open itself: on an ended stdin busybox nc would half-close
+    # at once, and rank 1's nc, seeing that end before it read its own stdin, would leave unsent.
     command = (
-        'if [ "$RANK" = 0 ]; then nc -l -p "$MASTER_PORT"; '
+        'if [ "$RANK" = 0 ]; then mkfifo /tmp/hold; exec 3<>/tmp/hold; nc -l -p "$MASTER_PORT" <&3; '
         'else until echo "hello from rank $RANK" | nc "$MASTER_ADDR" "$MASTER_PORT"; do sleep 0.2; done; fi'
     )
     types = "    worker:\n      count: 2\n      resources:\n        cpus: 1\n        memory: 1\n"

@@ -66,10 +66,16 @@ def _expand(word: str, env: dict) -> str:
 
 
 def run_sh_celery_commands(env: dict) -> list[list[str]]:
-    """Every celery command scripts/run.sh starts (workers, beat), with its variables expanded."""
+    """Every celery command scripts/run.sh starts (workers, beat), with its variables expanded
+    (the environment's, and the script's own top-level `NAME=value` lines)."""
     text = (ROOT / "scripts" / "run.sh").read_text().replace("\\\n", " ")
     commands = []
+    env = dict(env)
     for line in text.splitlines():
+        assignment = re.fullmatch(r"(\w+)=(\S+)", line)
+        if assignment:
+            env[assignment[1]] = _expand(shlex.split(assignment[2])[0], env)
+            continue
         line = line.strip().removesuffix("&").strip()
         words = shlex.split(line) if "celery" in line and not line.startswith("#") else []
         if words and words[0].endswith("/celery"):
@@ -184,7 +190,12 @@ def main() -> int:
     # The production watch interval, not _common's fast poll for latency benchmarks.
     env.pop("AICHOR_WATCH_POLL_SECONDS", None)
     # PYTHONPATH: the workers import this checkout's code (also when run from a copy of it).
-    env |= {"AICHOR_WATCH_STATS": "true", "AICHOR_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
+    env |= {
+        "AICHOR_WATCH_STATS": "true",
+        "AICHOR_LOG_LEVEL": "INFO",
+        "AICHOR_WORKER_LOG_LEVEL": "INFO",
+        "PYTHONPATH": str(ROOT),
+    }
     import docker
     import redis
     import requests

@@ -34,22 +34,24 @@ class _BrokerOutage:
         self._refused: OrderedDict[UUID, None] = OrderedDict()
 
     def note(self, task_name: str, experiment_id: UUID, exc: Exception) -> None:
-        now = time.monotonic()
         with self._lock:
             self._refused[experiment_id] = None
             while len(self._refused) > self.REMEMBER:
                 self._refused.popitem(last=False)
+        self.report(f"{task_name} of experiment {experiment_id} waits for reconcile", exc)
+
+    def report(self, consequence: str, exc: Exception) -> None:
+        now = time.monotonic()
+        with self._lock:
             quiet = self._last_log is not None and now - self._last_log < self.LOG_EVERY
             if not quiet:
                 self._last_log = now
         if not quiet:
             log.error(
-                "the task queue is unreachable (%s: %s); %s of experiment %s waits for reconcile "
-                "(further failures are logged at most once a minute)",
+                "the task queue is unreachable (%s: %s); %s (further failures are logged at most once a minute)",
                 type(exc).__name__,
                 exc,
-                task_name,
-                experiment_id,
+                consequence,
             )
 
     def take(self, experiment_id: UUID) -> bool:
@@ -67,6 +69,11 @@ def refused(experiment_id: UUID) -> bool:
     """Whether the broker refused this experiment's task, just now in this process; asking
     forgets it. Enqueueing happens on commit, so ask after the service call returned."""
     return _broker_outage.take(experiment_id)
+
+
+def report_refused(consequence: str, exc: Exception) -> None:
+    """A task of another app the broker refused: logged under the same once-a-minute rule."""
+    _broker_outage.report(consequence, exc)
 
 
 def enqueue(task_name: str, experiment_id: UUID | int) -> None:

@@ -32,11 +32,25 @@ from docker.types import Mount as DockerMount
 
 from experiments.engines import buildah
 from experiments.engines.base import Cancelled, EngineError, ExecSession, ProcessState
-from experiments.engines.single_host import Mount, ProcessSpec, SingleHostEngine, described
+from experiments.engines.single_host import (
+    RAY_PORTS,
+    Mount,
+    ProcessSpec,
+    SingleHostEngine,
+    described,
+    held_back,
+    ports_needed,
+    shared_volume,
+    tell_progress,
+    to_start,
+)
 from experiments.workload import Workload
 
 LABEL = "aichor.experiment"
 BUILD_KEY_LABEL = "aichor.build-key"
+# Every image built with a build key is also tagged CACHE_REPO:<key>, so the cache is one
+# inspect (a few ms), not a labelled image list (the daemon reads every image: 50-100 ms).
+CACHE_REPO = "aichor-build-cache"
 # One client per Docker host and process: making one asks the daemon its API version (~6 ms),
 # and every step makes an engine. Clients are thread-safe (a connection pool per host).
 _CLIENTS: dict[str, docker.DockerClient] = {}
@@ -46,7 +60,14 @@ INFO_TTL = 60.0
 PROCESS_LABEL = "aichor.process"
 ROLE_LABEL = "aichor.role"
 DECISIVE_LABEL = "aichor.decisive"  # "true" or "false": find() tells the decisive processes again
+# "<queue>:<parallelism>:<index>" on a jobset completion held to its job's parallelism: find()
+# tells the queues again.
+QUEUE_LABEL = "aichor.queue"
+VOLUME_LABEL = "aichor.volume"  # the experiment's shared volume (spec.storage.sharedVolume)
 HOLD_LABEL = "aichor.hold"  # containers and images made for a debug hold
+# Tagged <experiment id> on an experiment's hold images (the last one keeps it): so
+# cleanup_experiment lists images (slow: the daemon reads them all) only for one ever held.
+HOLD_MARKER_REPO = "aichor-held"
 NETNS_LABEL = "aichor.netns"  # the container holding an experiment's network namespace
 DEFAULT_NETWORK = "bridge"
 # PID 1 of the netns container: it only has to exist. A shell loop, because any image that can
@@ -166,14 +187,13 @@ class DockerEngine(SingleHostEngine):
                 network=self.network,
             )
         key = self._build_key(context_dir, dockerfile, build_args, target)
-        if key:
-            cached = self.client.api.images(filters={"label": f"{BUILD_KEY_LABEL}={key}"}, quiet=True)
-            if cached:
-                # Same code, Dockerfile, build args and base images: exactly what Docker's own
-                # layer cache would reuse, without sending the context again.
-                self.client.api.tag(cached[0], *tag.rsplit(":", 1))
-                log(f"reusing cached image {cached[0][:19]}: same code, Dockerfile, build args and base images\n")
-                return tag
+        cached = self._cached_build(key) if key else None
+        if cached:
+            # Same code, Dockerfile, build args and base images: exactly what Docker's own
+            # layer cache would reuse, without sending the context again.
+            self.client.api.tag(cached, *tag.rsplit(":", 1))
+            log(f"reusing cached image {cached[:19]}: same code, Dockerfile, build args and base images\n")
+            return tag
         api = docker.APIClient(base_url=self.base_url, version=self.client.api.api_version, timeout=None)
         stream = api.build(
             path=context_dir,
@@ -218,7 +238,25 @@ class DockerEngine(SingleHostEngine):
         api.close()
         if "error" in outcome:
             raise EngineError(outcome["error"])
+        if key:
+            self.client.api.tag(tag, CACHE_REPO, key)
         return tag
+
+    def _cached_build(self, key: str) -> str | None:
+        """The id of the image built with this build key, if the host still has it."""
+        try:
+            image = self.client.api.inspect_image(f"{CACHE_REPO}:{key}")
+            # The tag is only a pointer: the label says what the image was built from.
+            if ((image.get("Config") or {}).get("Labels") or {}).get(BUILD_KEY_LABEL) == key:
+                return image["Id"]
+        except (ImageNotFound, NotFound):
+            pass
+        # Built before the cache tag existed: found by its label once, then tagged.
+        listed = self.client.api.images(filters={"label": f"{BUILD_KEY_LABEL}={key}"}, quiet=True)
+        if not listed:
+            return None
+        self.client.api.tag(listed[0], CACHE_REPO, key)
+        return listed[0]
 
     def _build_key(self, context_dir: str, dockerfile: str, build_args: dict, target: str | None) -> str | None:
         """A digest of everything a classic build depends on, or None when it cannot be known
@@ -263,7 +301,12 @@ class DockerEngine(SingleHostEngine):
 
     # --- run -----------------------------------------------------------------------------
     def warnings_for(self, workload: Workload) -> list[str]:
-        warnings = set()
+        warnings = set(super().warnings_for(workload))
+        shared = shared_volume(workload)
+        if shared and shared.size_gb:
+            warnings.add("a Docker volume has no size: sharedVolume.sizeGB ignored")
+        if shared and shared.storage_class:
+            warnings.add("a Docker host has no storage classes: sharedVolume.storageClass ignored")
         for group in (g for g in workload.groups if g.replicas):
             res = group.resources
             if res.tpu:
@@ -296,10 +339,33 @@ class DockerEngine(SingleHostEngine):
         info = self._info()
         return int(info.get("NCPU") or os.cpu_count() or 1), int(info.get("MemTotal") or 0)
 
+    def ports(self, workload: Workload) -> list[int]:
+        if workload.operator == "kuberay" and self.network != "host":
+            # The experiment's network namespace is its own: the ports KubeRay uses, so code and
+            # port-forwards that name them (the dashboard's 8265) find them; one agent port per node.
+            *fixed, agent = RAY_PORTS
+            return [*fixed, *range(agent, agent + ports_needed(workload) - len(fixed))]
+        return super().ports(workload)
+
+    def mounts(self, workload: Workload) -> list[Mount]:
+        mounts = super().mounts(workload)
+        shared = shared_volume(workload)
+        if shared:
+            mounts.append(Mount(volume_name(workload.experiment_id), shared.mount_point, kind="volume"))
+        return mounts
+
     def start(self, workload: Workload, processes: list[ProcessSpec], mounts: list[Mount], *, log, cancelled) -> dict:
         experiment_id, image = workload.experiment_id, workload.image
         # A retried submit must not start twins (hold images only exist after a run: not here).
         self._remove_containers(experiment_id)
+        volumes = [m.source for m in mounts if m.kind == "volume"]
+        for volume in volumes:
+            # A retried submit finds it again (creating an existing volume returns it).
+            try:
+                self.client.api.create_volume(name=volume, labels={LABEL: experiment_id, VOLUME_LABEL: experiment_id})
+            except (APIError, DockerException) as exc:
+                raise EngineError(f"could not create the shared volume: {_explain(exc)}") from None
+            log(f"shared volume {volume} ready\n")
         ncpu, _mem = self._host_limits()
         gpu_ok = self._has_gpu_runtime()
         containers: dict[str, str] = {}
@@ -335,7 +401,7 @@ class DockerEngine(SingleHostEngine):
                 name = f"aichor-{experiment_id[:8]}-{proc.name}-{os.urandom(2).hex()}"
                 host_config = api.create_host_config(
                     network_mode=f"container:{netns}" if shared else self.network,
-                    mounts=[DockerMount(m.target, m.source, type="bind", read_only=m.read_only) for m in mounts],
+                    mounts=[DockerMount(m.target, m.source, type=m.kind, read_only=m.read_only) for m in mounts],
                     **kwargs,
                 )
                 created = api.create_container(
@@ -348,6 +414,7 @@ class DockerEngine(SingleHostEngine):
                         PROCESS_LABEL: proc.name,
                         ROLE_LABEL: proc.role,
                         DECISIVE_LABEL: "true" if proc.decisive else "false",
+                        **_queue_label(proc, processes),
                     },
                     environment=proc.env,
                     host_config=host_config,
@@ -359,19 +426,24 @@ class DockerEngine(SingleHostEngine):
                 netns_started.result()
                 netns_started = None
                 log(f"network namespace on Docker network {self.network} ready\n")
+            waiting = {p.name for p in processes if held_back(p, processes)}
             for name, cid in containers.items():
                 if cancelled():
                     raise Cancelled()
+                if name in waiting:
+                    continue  # started by states() once an earlier completion of its job ends
                 self.client.api.start(cid)
                 log(f"started {name}\n")
+            if waiting:
+                log(f"{len(waiting)} completion(s) wait for their job's parallelisms\n")
         except Cancelled:
             _settle(netns_started)
-            self._discard({"containers": containers, "netns": netns})
+            self._discard({"containers": containers, "netns": netns, "volumes": volumes})
             log(f"cancelled: removed the {len(containers)} container(s) created so far\n")
             raise
         except (APIError, DockerException) as exc:
             _settle(netns_started)
-            self._discard({"containers": containers, "netns": netns})
+            self._discard({"containers": containers, "netns": netns, "volumes": volumes})
             self._check_network()  # a missing network is named, not left to Docker's words
             if cancelled():
                 # The stop task removed the namespace under a creation: a cancel, not a failure.
@@ -379,7 +451,10 @@ class DockerEngine(SingleHostEngine):
                 raise Cancelled() from None
             raise EngineError(f"could not start the containers: {_explain(exc)}") from None
         netns = netns or next(iter(containers.values()), None)
-        return {"containers": containers, "netns": netns, **described(processes)}
+        handle = {"containers": containers, "netns": netns, **described(processes)}
+        if volumes:
+            handle["volumes"] = volumes
+        return handle
 
     def _discard(self, handle: dict) -> None:
         try:
@@ -414,6 +489,16 @@ class DockerEngine(SingleHostEngine):
             handle["decisive"] = [
                 c["Labels"][PROCESS_LABEL] for c in processes if c["Labels"][DECISIVE_LABEL] == "true"
             ]
+        queued = sorted(
+            (label.rsplit(":", 2), c["Labels"][PROCESS_LABEL])
+            for c in processes
+            if (label := c["Labels"].get(QUEUE_LABEL))
+        )
+        for (queue, parallelism, _index), name in sorted(queued, key=lambda item: (item[0][0], int(item[0][2]))):
+            entry = handle.setdefault("queues", {}).setdefault(
+                queue, {"parallelism": int(parallelism), "processes": []}
+            )
+            entry["processes"].append(name)
         netns = [c["Id"] for c in found if NETNS_LABEL in c["Labels"]]
         if netns or len(handle["containers"]) == 1:
             # A lone process owns its namespace (see submit).
@@ -430,12 +515,31 @@ class DockerEngine(SingleHostEngine):
         except (APIError, DockerException) as exc:
             raise EngineError(f"cannot list the containers: {_explain(exc)}") from None
         by_id = {c["Id"]: c for c in listed}
-        return {
+        states = {
             experiment_id: [
                 self._listed_state(name, by_id.get(cid)) for name, cid in handle.get("containers", {}).items()
             ]
             for experiment_id, handle in handles.items()
         }
+        for experiment_id, handle in handles.items():
+            if handle.get("queues"):
+                self._advance(handle, states[experiment_id])
+        return states
+
+    def _advance(self, handle: dict, states: list[ProcessState]) -> None:
+        """Start the held-back completions there is room for now (the watcher asks every
+        interval, so the next one starts at most an interval after one ended); the rest that
+        wait say how far their jobs are."""
+        phases = {s.name: s.phase for s in states}
+        for name in to_start(handle, phases):
+            try:
+                self.client.api.start(handle["containers"][name])
+            except NotFound:
+                continue  # removed meanwhile (a cancel): reported missing next time
+            phases[name] = "running"
+        for state in states:
+            state.phase = phases.get(state.name, state.phase)
+        tell_progress(handle, states)
 
     def _listed_state(self, name: str, container: dict | None) -> ProcessState:
         if container is None:
@@ -573,6 +677,7 @@ class DockerEngine(SingleHostEngine):
                     changes=[f'LABEL {HOLD_LABEL}={experiment_id} {BUILD_KEY_LABEL}=""'],
                 )
                 images.append(image.id)
+                self.client.api.tag(image.id, HOLD_MARKER_REPO, experiment_id)
                 config = container.attrs["Config"]
                 # A lone process owned the namespace it took down with it: the held copy gets
                 # a namespace of its own and owns it in turn.
@@ -594,9 +699,14 @@ class DockerEngine(SingleHostEngine):
                     # is reached on the same 127.0.0.1 ports as its siblings.
                     network_mode=f"container:{handle['netns']}" if handle.get("netns") and not owned else self.network,
                     mounts=[
-                        DockerMount(m["Destination"], m["Source"], type="bind", read_only=not m.get("RW", True))
+                        DockerMount(
+                            m["Destination"],
+                            m["Name"] if m.get("Type") == "volume" else m["Source"],
+                            type=m["Type"],
+                            read_only=not m.get("RW", True),
+                        )
                         for m in container.attrs.get("Mounts") or []
-                        if m.get("Type") == "bind"
+                        if m.get("Type") in ("bind", "volume")
                     ],
                     detach=True,
                 )
@@ -613,7 +723,8 @@ class DockerEngine(SingleHostEngine):
 
     def cleanup(self, handle: dict) -> None:
         netns = [handle["netns"]] if handle.get("netns") else []
-        for cid in [*handle.get("containers", {}).values(), *handle.get("held_originals", []), *netns]:
+        # Once each: a lone process is its own namespace's holder.
+        for cid in dict.fromkeys([*handle.get("containers", {}).values(), *handle.get("held_originals", []), *netns]):
             try:
                 self.client.api.remove_container(cid, force=True)
             except NotFound:
@@ -623,9 +734,27 @@ class DockerEngine(SingleHostEngine):
                 self.client.api.remove_image(image, force=True)
             except (NotFound, APIError):
                 pass  # gone already, or still used by a container a racing cleanup removes
+        for volume in handle.get("volumes", []):
+            self._remove_volume(volume)
+
+    def _remove_volume(self, name: str) -> None:
+        try:
+            self.client.api.remove_volume(name, force=True)
+        except NotFound:
+            pass
+        except APIError:
+            pass  # still in use by a held container: cleanup_experiment comes again after the hold
 
     def cleanup_experiment(self, experiment_id: str) -> None:
         self._remove_containers(experiment_id)
+        for volume in (
+            self.client.api.volumes(filters={"label": f"{VOLUME_LABEL}={experiment_id}"}).get("Volumes") or []
+        ):
+            self._remove_volume(volume["Name"])
+        try:
+            self.client.api.inspect_image(f"{HOLD_MARKER_REPO}:{experiment_id}")
+        except (ImageNotFound, NotFound):
+            return  # never held
         for image in self.client.images.list(filters={"label": f"{HOLD_LABEL}={experiment_id}"}):
             try:
                 self.client.api.remove_image(image.id, force=True)
@@ -808,6 +937,8 @@ _OPEN_READERS: dict[tuple[str, int, int], "_LogReader"] = {}
 _OPEN_READERS_LOCK = threading.Lock()
 _OPEN_READER_SECONDS = 10.0
 _OPEN_READERS_MAX = 16
+# How long a one-shot stream that reached the end of the log is kept for the final read.
+_LOG_END_FRESH_SECONDS = 1.0
 
 
 def _read_log(
@@ -815,9 +946,12 @@ def _read_log(
 ) -> tuple[list[str], list[int] | None]:
     since_ns, taken = _log_position(cursor)
     reader = _take_reader(cid, since_ns, taken)
-    if reader is not None:
+    # A stream kept at its end serves only the final read that follows the logs() call that
+    # found nothing more, a moment after the process exited: its unfinished last line, with no
+    # request of its own. A logs() call always looks again.
+    if reader is not None and (final or not reader.ended):
         lines, (since_ns, taken) = _read_piece(cid, reader, final)
-        if lines or not reader.ended:
+        if lines or not reader.ended or (final and reader.end_is_fresh()):
             return lines, [since_ns, taken]
         # A kept stream ends where the log ended when it was opened: look at the log as it is now.
     try:
@@ -829,8 +963,9 @@ def _read_log(
 
 
 def _read_piece(cid: str, reader: "_LogReader", final: bool, keep=None) -> tuple[list[str], tuple[int, int]]:
-    """Read from `reader`; close it at its end, else `keep` it (by default for the next
-    one-shot read at this position)."""
+    """Read from `reader`; close its stream at its end. `keep` it (by default for the next
+    one-shot read at this position) unless it ended, except a one-shot read that ended just
+    now: it holds the unfinished last line for a final read (see _read_log)."""
     try:
         lines, position = reader.read(final=final)
     except BaseException:
@@ -838,7 +973,7 @@ def _read_piece(cid: str, reader: "_LogReader", final: bool, keep=None) -> tuple
         raise
     if reader.ended:
         reader.close()
-    else:
+    if not reader.ended or (keep is None and reader.end_is_fresh()):
         (keep or _keep_reader)(cid, position, reader)
     return lines, position
 
@@ -891,20 +1026,21 @@ class _LogReader:
     `final`, the unfinished last line of an exited process."""
 
     def __init__(self, api: docker.APIClient, cid: str, since_ns: int, taken: int, follow: bool = False) -> None:
-        stream = api.logs(
-            cid,
-            stdout=True,
-            stderr=True,
-            timestamps=True,
-            stream=True,
-            follow=follow,
+        params: dict = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": int(follow), "tail": "all"}
+        if since_ns > _LOG_BUCKET_NS:
             # A float cannot carry nanoseconds: ask from a millisecond early, filter exactly below.
-            since=(since_ns - _LOG_BUCKET_NS) / 1e9 if since_ns > _LOG_BUCKET_NS else None,
-        )
-        # The frames are parsed here from large reads: docker-py's own iterator makes two
-        # urllib3 reads per message, too slow for millions of lines. (aichor never starts a
-        # process with a TTY, whose log would not be multiplexed.)
-        self._response = stream._response
+            params["since"] = (since_ns - _LOG_BUCKET_NS) / 1e9
+        # The endpoint itself, not APIClient.logs(): that inspects the container first (to tell
+        # a TTY's raw stream), a second request per read; aichor never starts a process with a
+        # TTY, so the log is always multiplexed. The frames are parsed here from large reads:
+        # docker-py's own iterator makes two urllib3 reads per message, too slow for millions
+        # of lines.
+        self._response = api._get(api._url("/containers/{0}/logs", cid), params=params, stream=True)
+        try:
+            api._raise_for_status(self._response)
+        except BaseException:
+            self._response.close()
+            raise
         self._source = _FollowSource(self._response) if follow else None
         self._frames = self._source or _frames(self._response)
         self.since_ns, self.taken = since_ns, taken
@@ -916,6 +1052,7 @@ class _LogReader:
         self.pending_stamps: list[int] = []
         self.ended = False
         self.kept_at = 0.0
+        self.opened_at = time.monotonic()
         self._second, self._second_ns, self._last_ns = b"", 0, 0
 
     def read(self, *, final: bool) -> tuple[list[str], tuple[int, int]]:
@@ -943,12 +1080,18 @@ class _LogReader:
                     self._commit(lines)
                 break  # else the line starts the next piece, whole
         else:
-            # A followed stream ran dry for now: it ends only with the process.
+            # A followed stream ran dry for now: it ends only with the process (and then not
+            # always with its last output: the daemon may close it before the final flush).
             if self._source is None or self._source.eof:
                 self.ended = True
                 if self.pending and final:
                     self._commit(lines)
         return lines, self.position()
+
+    def end_is_fresh(self) -> bool:
+        """A one-shot stream that ended, opened a moment ago: where the log of an exited
+        process ends."""
+        return self.ended and self._source is None and time.monotonic() - self.opened_at < _LOG_END_FRESH_SECONDS
 
     def position(self) -> tuple[int, int]:
         start = (self.newest - _LOG_OVERLAP_NS) // _LOG_BUCKET_NS * _LOG_BUCKET_NS
@@ -1152,6 +1295,17 @@ def _drop_followers(cids: set[str]) -> None:
         dropped = [_FOLLOWERS.pop(cid)[0] for cid in cids if cid in _FOLLOWERS]
     for reader in dropped:
         reader.close()
+
+
+def volume_name(experiment_id: str) -> str:
+    return f"aichor-{experiment_id}-shared"
+
+
+def _queue_label(proc: ProcessSpec, processes: list[ProcessSpec]) -> dict[str, str]:
+    if not proc.queue:
+        return {}
+    index = [p.name for p in processes if p.queue == proc.queue].index(proc.name)
+    return {QUEUE_LABEL: f"{proc.queue}:{proc.parallelism}:{index}"}
 
 
 # "Exited (3) 2 seconds ago": the exit code as the container list shows it.

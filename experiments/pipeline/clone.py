@@ -82,7 +82,8 @@ def fetch_git(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: 
     check_git_inputs(experiment)
     timeout = settings.CLONE_TIMEOUT_SECONDS
     dest.mkdir(parents=True, exist_ok=True)
-    _git(["init", "-q"], dest, writer, cancelled, timeout)
+    # No template: its sample hooks are copied for nothing, a third of the init's time.
+    _git(["init", "-q", "--template="], dest, writer, cancelled, timeout)
     ref = experiment.commit_sha or experiment.branch or "HEAD"
     # Fetching straight from the URL (no remote to configure) saves a git call per experiment.
     try:

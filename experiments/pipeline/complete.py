@@ -40,6 +40,8 @@ def collect_logs(engine, experiment_id, handle: dict, state: dict, final: bool =
         if name in collected:
             continue
         writer = None  # opened on the first new output: a quiet poll costs no query
+        # Final: the log itself, never a followed stream (the daemon may close one before an
+        # exited process's last output).
         read = engine.follow if follow and not final else engine.logs
         try:
             for _piece in itertools.count() if final else range(LOG_PIECES_PER_POLL):
@@ -82,43 +84,46 @@ def decided(state: dict, states) -> tuple[bool, int | None, str] | None:
     return None
 
 
-def finish(experiment: Experiment, engine, handle: dict, state: dict, states) -> None:
-    """Idempotent: only the caller that moves the experiment into Completed, or one resuming a
-    Completed experiment a lost watcher left, goes on. Removing the processes is the stop task's
-    (on the watch queue): the watcher hands it over rather than wait for Docker."""
-    ok, exit_code, reason = decided(state, states) or (False, None, "the workload stopped reporting")
-    outcome = StepStatus.SUCCEEDED if ok else StepStatus.FAILED
-    begun = services.begin_step(experiment.pk, StepName.COMPLETED, previous_outcome=outcome, reason=reason)
-    if not begun and (experiment.is_terminal or experiment.current_step != StepName.COMPLETED):
-        return  # cancelled meanwhile, or finished by another
-    engine.unfollow(handle or {})
-    manifest = experiment.typed_manifest
+def finish(experiment_id, engine, handle: dict, state: dict, outcome: tuple[bool, int | None, str]) -> None:
+    """The rest of Completed, for an experiment already in it (services.begin_completions, or
+    a Completed one a lost watcher left): the final logs, a debug hold, the outcome. Removing
+    the processes is the stop task's (on the watch queue), so a wave of exits never waits for
+    Docker's removals."""
+    ok, exit_code, reason = outcome
+    # Only a failure reads the manifest: an exit that succeeded costs no read of the row.
+    manifest = None if ok else Experiment.objects.get(pk=experiment_id).typed_manifest
     hold = None if ok or manifest is None else manifest.spec.debug.hold_on_failure
     if handle and engine.processes(handle):
         if not ok and not hold:
             engine.cancel(handle)  # fail fast: the other ranks would wait for the dead one forever
-        collect_logs(engine, experiment.pk, handle, state, final=True)
-        services.save_watch_state(experiment.pk, state)  # the stop task must not read them again
+        engine.unfollow(handle)
+        collect_logs(engine, experiment_id, handle, state, final=True)
         if hold:
+            services.save_watch_state(experiment_id, state)  # the stop task must not read them again
             # After the final logs: the held handle points at keep-alive siblings with no output.
             try:
                 handle = engine.hold(handle, hold)
             except EngineError as exc:
-                services.step_log(experiment.pk, StepName.COMPLETED, f"debug hold not possible: {exc}")
+                services.step_log(experiment_id, StepName.COMPLETED, f"debug hold not possible: {exc}")
                 hold = None
                 engine.cancel(handle)
             else:
-                services.record_handle(experiment.pk, handle)
-    services.step_log(experiment.pk, StepName.COMPLETED, "logs collected" + (f"; {reason}" if reason else ""))
+                services.record_handle(experiment_id, handle)
+    services.step_log(experiment_id, StepName.COMPLETED, "logs collected" + (f"; {reason}" if reason else ""))
     if ok:
-        services.finish_experiment(experiment.pk, "Succeeded", exit_code=exit_code)
+        services.finish_experiment(experiment_id, "Succeeded", exit_code=exit_code, watch_state=state)
     else:
         services.finish_experiment(
-            experiment.pk, "Failed", reason=reason, exit_code=exit_code, step_status=StepStatus.SUCCEEDED
+            experiment_id,
+            "Failed",
+            reason=reason,
+            exit_code=exit_code,
+            step_status=StepStatus.SUCCEEDED,
+            watch_state=state,
         )
-        if hold and services.hold_for_debugging(experiment.pk, hold):
-            services.step_log(experiment.pk, StepName.COMPLETED, f"spec.debug.holdOnFailure: processes kept {hold} s")
-    enqueue("stop", experiment.pk)
+        if hold and services.hold_for_debugging(experiment_id, hold):
+            services.step_log(experiment_id, StepName.COMPLETED, f"spec.debug.holdOnFailure: processes kept {hold} s")
+    enqueue("stop", experiment_id)
 
 
 def stop(experiment_id) -> None:

@@ -4,27 +4,32 @@ their heartbeats in one update, and acts only on what changed (an exit, a timeou
 followed through open streams, a bounded number of experiments per interval. So an interval
 costs about the same for a thousand running experiments as for ten.
 
-A lease (EngineWatch) keeps it to one watcher per engine; the task runs for a slice, frees the
-lease and enqueues its successor, or ends when nothing is left to watch (run_submit enqueues
-it again)."""
+Exits are moved into Completed together (services.begin_completions: the same few queries for
+one exit or fifty), and the rest of each completion (final logs, the outcome) runs on a few
+finisher threads: a wave of exits never holds up the interval, nor each other.
 
+A lease (EngineWatch) keeps it to one watcher per engine; the task runs slice after slice
+(freeing the lease in between) for up to TASK_SECONDS, then enqueues its successor, or ends
+when nothing is left to watch (run_submit enqueues it again)."""
+
+import concurrent.futures
 import logging
 import os
 import socket
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 from uuid import UUID
 
+from celery.worker import state as worker_state
 from django.conf import settings
-from django.db import connection
+from django.db import close_old_connections, connection
 from django.utils import timezone
 
 from experiments import services
 from experiments.engines import get_engine
 from experiments.engines.base import EngineError, ProcessState
-from experiments.models import Experiment, StepName
+from experiments.models import Experiment, StepName, StepStatus
 from experiments.pipeline.complete import collect_logs, decided, finish, watch_state_of
 from experiments.queue import enqueue
 from projects.models import Engine as EngineModel
@@ -34,6 +39,13 @@ log = logging.getLogger("experiments.watcher")
 # Experiments whose new output one interval reads, in turn: the log work of an interval is
 # bounded whatever the number running (each is visited every N / LOG_VISITS intervals).
 LOG_VISITS = 32
+# How long one watch_engine task keeps the watch before a fresh task takes over (well inside
+# its time limit, settings.WATCH_SLICE_SECONDS + 600).
+TASK_SECONDS = 300.0
+# Completions under way at once, for every watcher of this process: each waits mostly on the
+# database (a dozen queries) and one log read, so a burst of exits in one interval (a sweep's
+# runs ending together) is through in well under a second.
+_FINISHERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="aichor-finish")
 
 
 @dataclass
@@ -50,7 +62,7 @@ class Interval:
 
 
 def watch_engine(engine_id: int) -> None:
-    """The watch_engine task: watch for a slice, then hand over to a fresh task."""
+    """The watch_engine task: watch slice after slice, then hand over to a fresh task."""
     engine_model = EngineModel.objects.filter(pk=engine_id).first()
     if engine_model is None:
         return
@@ -59,8 +71,18 @@ def watch_engine(engine_id: int) -> None:
     except EngineError as exc:
         log.warning("cannot watch engine %s: %s", engine_id, exc)
         return
-    if watcher.run(settings.WATCH_SLICE_SECONDS):
-        enqueue("watch_engine", engine_id)
+    ends = time.monotonic() + TASK_SECONDS
+    while watcher.run(settings.WATCH_SLICE_SECONDS):
+        # A successor sent through the queue waits behind whatever is there (the stop tasks of
+        # a wave of exits), and nothing is watched meanwhile: only a worker shutting down, or
+        # the task's time limit, hands over that way.
+        if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+            break
+        if time.monotonic() >= ends:
+            break
+    else:
+        return
+    enqueue("watch_engine", engine_id)
 
 
 def watch_once(engine_model: EngineModel) -> bool:
@@ -71,6 +93,7 @@ def watch_once(engine_model: EngineModel) -> bool:
         return False
     try:
         watcher.interval()
+        watcher.settle()
     finally:
         services.release_watch(watcher.engine_id, watcher.owner)
     return True
@@ -82,6 +105,8 @@ class Watcher:
         self.engine = get_engine(engine_model)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.known: dict[UUID, Watched] = {}
+        # Handed to a finisher, until they leave the watched rows (Succeeded, Failed): never twice.
+        self.finishing: dict[UUID, concurrent.futures.Future] = {}
         self.turn = 0
 
     def run(self, seconds: float) -> bool:
@@ -100,11 +125,18 @@ class Watcher:
                     return False
                 time.sleep(max(0.0, poll - (time.monotonic() - started)))
         finally:
+            # A successor must not find a completion under way and begin it again.
+            self.settle()
             # The streams stay open: a successor in this process goes on reading them (the
             # engine closes the ones nobody comes back for).
             self.known.clear()
             services.release_watch(self.engine_id, self.owner)
         return True
+
+    def settle(self) -> None:
+        """Wait for the completions handed to finishers (a second or so each)."""
+        concurrent.futures.wait(list(self.finishing.values()))
+        self.finishing.clear()
 
     def carry_on(self) -> bool:
         """Nothing to watch: free the lease, then look once more. A submit that saw the lease
@@ -148,36 +180,48 @@ class Watcher:
             return done
         services.heartbeat_watched(self.engine_id, every=services.watch_lease_seconds() / 2)
         now = timezone.now()
+        ended: dict[UUID, tuple[bool, int | None, str]] = {}
+        handed = len(self.finishing)
         for experiment_id, step, deadline in rows:
-            if self.act(experiment_id, step, deadline, states.get(experiment_id, []), now):
-                done.changes += 1
-        self.follow_logs(sorted(self.known))
+            if experiment_id in self.finishing:
+                continue
+            outcome = decided(self.known[experiment_id].state, states.get(experiment_id, []))
+            if step == StepName.COMPLETED:
+                # Left half finished by a lost watcher: its outcome as the engine tells it now.
+                self.hand_over(
+                    experiment_id,
+                    StepName.COMPLETED,
+                    finish,
+                    outcome or (False, None, "the workload stopped reporting"),
+                )
+            elif outcome is not None:
+                ended[experiment_id] = outcome
+            elif deadline and now >= deadline:
+                self.hand_over(experiment_id, StepName.RUNNING, self.time_out)
+            else:
+                self.tell_waiting(experiment_id, states.get(experiment_id, []))
+        begun = services.begin_completions(
+            {pk: (StepStatus.SUCCEEDED if ok else StepStatus.FAILED, reason) for pk, (ok, _c, reason) in ended.items()}
+        )
+        for experiment_id in begun:
+            self.hand_over(experiment_id, StepName.COMPLETED, finish, ended[experiment_id])
+        done.changes = len(self.finishing) - handed
+        self.follow_logs(sorted(pk for pk in self.known if pk not in self.finishing))
         return done
 
-    def act(self, experiment_id: UUID, step: str, deadline: datetime | None, states: list[ProcessState], now) -> bool:
-        """Hand an experiment that changed to its service; True when it did."""
+    def hand_over(self, experiment_id: UUID, step: str, work, *args) -> None:
+        """Run `work(experiment id, engine, handle, state, *args)` on a finisher thread."""
         watched = self.known[experiment_id]
-        try:
-            if step == StepName.COMPLETED or decided(watched.state, states) is not None:
-                self.known.pop(experiment_id)
-                experiment = Experiment.objects.select_related("engine").get(pk=experiment_id)
-                finish(experiment, self.engine, watched.handle, watched.state, states)
-                return True
-            if deadline and now >= deadline:
-                self.known.pop(experiment_id)
-                self.time_out(experiment_id, watched)
-                return True
-        except Exception as exc:  # one experiment's bug must not stop the watch of the others
-            log.exception("watching experiment %s failed", experiment_id)
-            services.fail_experiment(experiment_id, f"Internal error during Running: {type(exc).__name__}: {exc}")
-            return True
-        return False
+        self.finishing[experiment_id] = _FINISHERS.submit(
+            _finisher, self.engine_id, step, work, experiment_id, self.engine, watched.handle, watched.state, *args
+        )
 
-    def time_out(self, experiment_id: UUID, watched: Watched) -> None:
-        self.engine.cancel(watched.handle)
-        self.engine.unfollow(watched.handle)
-        collect_logs(self.engine, experiment_id, watched.handle, watched.state, final=True)
-        services.save_watch_state(experiment_id, watched.state)  # the stop task must not read them again
+    @staticmethod
+    def time_out(experiment_id: UUID, engine, handle: dict, state: dict) -> None:
+        engine.cancel(handle)
+        engine.unfollow(handle)
+        collect_logs(engine, experiment_id, handle, state, final=True)
+        services.save_watch_state(experiment_id, state)  # the stop task must not read them again
         timeout = Experiment.objects.get(pk=experiment_id).typed_manifest.spec.timeout
         services.step_log(experiment_id, StepName.RUNNING, f"timeout of {timeout} s reached: workload stopped")
         services.fail_experiment(experiment_id, f"Timed out: spec.timeout of {timeout} s reached")
@@ -198,9 +242,24 @@ class Watcher:
             self.known[experiment_id] = Watched(handle, watch_state_of(stored, processes))
 
     def forget(self, keep: set[UUID]) -> None:
-        """Experiments no longer watched (cancelled, finished elsewhere): close their streams."""
+        """Experiments no longer watched (finished, cancelled): close their streams."""
         for experiment_id in [pk for pk in self.known if pk not in keep]:
+            self.finishing.pop(experiment_id, None)
             self.engine.unfollow(self.known.pop(experiment_id).handle or {})
+
+    def tell_waiting(self, experiment_id: UUID, states: list[ProcessState]) -> None:
+        """Why processes wait (a pod unschedulable for want of GPUs, an image that cannot be
+        pulled), in the Running step log, once per new reason: a query only when one changed."""
+        state = self.known[experiment_id].state
+        reasons = {s.name: s.reason for s in states if s.phase == "pending" and s.reason}
+        told = state.get("waiting", {})
+        if reasons == told:
+            return
+        for name, reason in sorted(reasons.items()):
+            if told.get(name) != reason:
+                services.step_log(experiment_id, StepName.RUNNING, f"{name} is waiting: {reason}")
+        state["waiting"] = reasons
+        services.save_watch_state(experiment_id, state)
 
     def follow_logs(self, running: list[UUID]) -> None:
         if len(running) > LOG_VISITS:
@@ -209,5 +268,41 @@ class Watcher:
             self.turn = start + LOG_VISITS
         for experiment_id in running:
             watched = self.known[experiment_id]
-            if watched.handle and collect_logs(self.engine, experiment_id, watched.handle, watched.state, follow=True):
+            try:
+                grew = watched.handle and collect_logs(
+                    self.engine, experiment_id, watched.handle, watched.state, follow=True
+                )
+            except EngineError as exc:  # read again next visit; the other experiments go on
+                log.warning("reading the logs of experiment %s failed: %s", experiment_id, exc)
+                continue
+            if grew:
                 services.save_watch_state(experiment_id, watched.state)
+
+
+def _finisher(engine_id: int, step: str, work, experiment_id: UUID, engine, *args) -> None:
+    """One completion on a finisher thread: its own database connection, as a task's would be
+    (checked before and released after, as Celery does around a task)."""
+    close_old_connections()
+    queries, calls, started = [0], engine.calls(), time.monotonic()
+
+    def count(execute, sql, params, many, context):
+        queries[0] += 1
+        return execute(sql, params, many, context)
+
+    try:
+        with connection.execute_wrapper(count):
+            work(experiment_id, engine, *args)
+    except Exception as exc:  # one experiment's bug must not stop the watch of the others
+        log.exception("finishing experiment %s failed", experiment_id)
+        services.fail_experiment(experiment_id, f"Internal error during {step}: {type(exc).__name__}: {exc}")
+    finally:
+        if settings.WATCH_STATS:
+            log.info(
+                "watch finish engine=%s experiment=%s docker_calls=%d queries=%d seconds=%.4f",
+                engine_id,
+                experiment_id,
+                engine.calls() - calls,
+                queries[0],
+                time.monotonic() - started,
+            )
+        close_old_connections()

@@ -155,6 +155,16 @@ class GrowingLog:
             return b"".join(frames)
         return FakeStream(b"".join(struct.pack(">BxxxL", 1, len(frame)) + frame for frame in frames))
 
+    # The logs endpoint as the engine requests it (APIClient._get, without logs()'s inspect).
+    def _url(self, path: str, cid: str) -> str:
+        return cid
+
+    def _get(self, cid: str, *, params: dict, stream: bool) -> "FakeResponse":
+        return self.logs(cid, timestamps=True, stream=True, since=params.get("since"))._response
+
+    def _raise_for_status(self, response: "FakeResponse") -> None:
+        pass
+
 
 def messages_sharing_stamps() -> tuple[list[tuple[int, bytes]], str]:
     base = 1_700_000_000 * 1_000_000_000

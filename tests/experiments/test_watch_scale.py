@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
 N = 50
 # Every experiment sleeps BASE + i % 10 s: all 50 must be running before the first one exits,
 # so BASE bounds how long submitting the 50 may take.
-BASE = 20
+BASE = 30
 LABEL = "aichor.experiment"
 # The duration is the delivered message's last word: one commit tree for all experiments (so
 # one image, built once), yet each sleeps its own time.

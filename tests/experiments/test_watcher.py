@@ -11,11 +11,12 @@ import pytest
 from django.utils import timezone
 
 from aichor.celery import app
-from experiments import services
+from experiments import logs, services
 from experiments.engines import get_engine
 from experiments.models import EngineWatch, Experiment, Status
 from experiments.pipeline import reconcile
-from experiments.pipeline.watcher import Watcher
+from experiments.pipeline.complete import collect_logs, watch_state_of
+from experiments.pipeline.watcher import Watcher, watch_engine
 from tests.experiments.test_terminal import start_running_experiment
 from tests.helpers import wait_for
 
@@ -122,3 +123,89 @@ def test_an_interval_costs_the_same_for_2_and_12_quiet_experiments(kind, request
     assert small[2:] == large[2:]  # docker_calls, queries
     assert large[2] == (1 if kind == "docker" else 0)
     assert all(e.status == Status.PROCESSING for e in Experiment.objects.all())
+
+
+def interval_with_exits(project, engine_model, cleanup, caplog, count: int) -> tuple[int, int, int, int]:
+    """The stats of one watcher interval in which `count` experiments have exited."""
+    engine = get_engine(engine_model)
+    exited = run_many(project, engine_model, cleanup, count, command="exit 0")
+    for experiment in exited:
+        wait_for(lambda e=experiment: engine.status(e.handle)[0].phase == "exited", message="the workload to exit")
+    caplog.clear()
+    watcher = Watcher(engine_model)
+    assert services.take_watch(engine_model.pk, watcher.owner)
+    try:
+        watcher.measured()
+        watcher.settle()
+    finally:
+        services.release_watch(engine_model.pk, watcher.owner)
+    assert all(e.status == Status.SUCCEEDED for e in Experiment.objects.filter(pk__in=[e.pk for e in exited]))
+    lines = [
+        r.getMessage() for r in caplog.records if r.name == "experiments.watcher" and STATS.fullmatch(r.getMessage())
+    ]
+    assert len(lines) == 1, lines
+    return tuple(int(n) for n in STATS.fullmatch(lines[0]).groups())
+
+
+def test_five_exits_in_one_interval_cost_the_watcher_the_queries_of_one(
+    project, local_engine, cleanup, caplog, settings
+):
+    settings.WATCH_STATS = True
+    caplog.set_level(logging.INFO, logger="experiments.watcher")
+    one = interval_with_exits(project, local_engine, cleanup, caplog, 1)
+    five = interval_with_exits(project, local_engine, cleanup, caplog, 5)
+    assert (one[:2], five[:2]) == ((1, 1), (5, 5))  # experiments, changes
+    assert five[3] == one[3]  # queries: the exits begin Completed together
+    # Each still has its own timeline: Running ended Succeeded, Completed began and ended once.
+    for experiment in cleanup:
+        steps = list(
+            experiment.events.filter(kind="step", step__in=["Running", "Completed"]).values_list("step", "old", "new")
+        )
+        assert steps == [
+            ("Running", "Initialize", "Running"),
+            ("Running", "Running", "Succeeded"),
+            ("Completed", "Initialize", "Running"),
+            ("Completed", "Running", "Succeeded"),
+        ]
+
+
+@pytest.mark.docker
+def test_the_final_collection_of_a_followed_log_costs_one_request_and_keeps_the_unfinished_last_line(
+    docker_project, docker_engine, cleanup
+):
+    engine = get_engine(docker_engine)
+    experiment = run_many(docker_project, docker_engine, cleanup, 1, command="echo first; sleep 1; printf last")[0]
+    handle, stream = experiment.handle, "process:worker-0"
+    state = watch_state_of({}, engine.processes(handle))
+    # Followed while it runs, as the watcher does.
+    wait_for(
+        lambda: (
+            collect_logs(engine, experiment.pk, handle, state, follow=True) is not None
+            and logs.log_text(experiment.pk, stream) == "first\n"
+        ),
+        message="the first line through the followed stream",
+    )
+    wait_for(lambda: engine.status(handle)[0].phase == "exited", message="the workload to exit")
+    before = engine.calls()
+    collect_logs(engine, experiment.pk, handle, state, final=True)
+    assert engine.calls() - before == 1
+    # The daemon often closes a followed stream before an exited process's last unfinished
+    # line: the final collection reads the log itself.
+    assert logs.log_text(experiment.pk, stream) == "first\nlast\n"
+
+
+def test_the_watch_task_keeps_watching_across_slices_and_hands_over_once(
+    project, local_engine, cleanup, sent, settings, monkeypatch
+):
+    run_many(project, local_engine, cleanup, 1)
+    sent.clear()
+    settings.WATCH_SLICE_SECONDS = 0.3
+    monkeypatch.setattr("experiments.pipeline.watcher.TASK_SECONDS", 1.0)
+    taken = []
+    take = services.take_watch
+    monkeypatch.setattr(services, "take_watch", lambda *args: taken.append(1) or take(*args))
+    started = time.monotonic()
+    watch_engine(local_engine.pk)
+    assert time.monotonic() - started >= 1.0
+    assert len(taken) >= 3  # slice after slice in this task...
+    assert sent == [("experiments.watch_engine", [local_engine.pk])]  # ...then one successor

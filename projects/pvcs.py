@@ -1,12 +1,15 @@
 """Persistent Volume Claim records (SPEC §6), managed by project admins. Experiments mount them
-with spec.storage.attachExistingPVCs; creating them on a cluster is the Kubernetes engine's job."""
+with spec.storage.attachExistingPVCs. Each record is a claim on its engine's cluster: the
+services announce creation and deletion (projects/signals.py) and the Kubernetes side acts."""
 
 from django import forms
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
+from projects import signals
 from projects.access import get_project
 from projects.models import Engine, PersistentVolumeClaim, Project
 from projects.services import create_pvc, delete_pvc
@@ -19,7 +22,7 @@ class PvcForm(forms.ModelForm):
         labels = {"size_mib": "Size (MiB)"}
         help_texts = {
             "name": "Lowercase letters, digits and '-', starting and ending with a letter or digit; at most 64.",
-            "storage_class": "Empty: the cluster's default storage class.",
+            "storage_class": "Empty: the engine's default storage class, else the cluster's.",
         }
 
     def __init__(self, *args, project: Project, **kwargs) -> None:
@@ -48,11 +51,14 @@ def pvcs(request: HttpRequest, slug: str) -> HttpResponse:
     form = PvcForm(request.POST or None, project=project)
     if request.method == "POST" and form.is_valid() and create_pvc(project, form):
         return redirect("pvc-list", slug=project.slug)
+    records = list(project.pvcs.select_related("engine"))
+    phases = claim_phases(project, records)
     context = {
         "project": project,
         "section": "details",
         "form": form,
-        "pvcs": project.pvcs.select_related("engine"),
+        "pvcs": [(pvc, phases.get(pvc.pk, "")) for pvc in records],
+        "unreachable": sorted({pvc.engine.name for pvc in records if phases.get(pvc.pk) == signals.UNREACHABLE}),
         "has_kubernetes": project.engines.filter(kind=Engine.Kind.KUBERNETES).exists(),
     }
     return render(request, "projects/pvcs.html", context, status=400 if form.errors else 200)
@@ -63,5 +69,15 @@ def pvcs(request: HttpRequest, slug: str) -> HttpResponse:
 def pvc_delete(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
     project = _admin_project(request, slug)
     get_object_or_404(PersistentVolumeClaim, project=project, pk=pk)
-    delete_pvc(project, pk)
+    refused = delete_pvc(project, pk)
+    if refused:
+        messages.error(request, refused)
     return redirect("pvc-list", slug=project.slug)
+
+
+def claim_phases(project: Project, pvcs: list[PersistentVolumeClaim]) -> dict[int, str]:
+    """The phase of each record's claim, read live from its cluster, by record pk."""
+    found: dict[int, str] = {}
+    for _receiver, answer in signals.pvc_phases.send(sender=PersistentVolumeClaim, project=project, pvcs=pvcs):
+        found.update(answer or {})
+    return found

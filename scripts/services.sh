@@ -10,6 +10,10 @@ command -v git >/dev/null || need+=(git)
 command -v chromium >/dev/null || need+=(chromium)
 # Docker builds with build secrets run with buildah (the classic builder has no secret mounts).
 command -v buildah >/dev/null || need+=(buildah)
+# The Kubernetes engine pushes images to a registry: tests run Debian's on 127.0.0.1.
+command -v docker-registry >/dev/null || need+=(docker-registry)
+# The KubeRay tests run real Ray in a Python image made from a debootstrap'd root (no registry).
+command -v debootstrap >/dev/null || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing ${need[*]}"

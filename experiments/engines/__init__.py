@@ -1,15 +1,18 @@
-"""Engines keyed by kind. The Kubernetes engine is not built yet: its experiments fail at
-Building (the first step that asks for the engine) with a clear reason rather than pretending
-to run. The local engine exists only when AICHOR_LOCAL_ENGINE=true: its experiments fail at
-the first step that needs it otherwise."""
+"""Engines keyed by kind. The local engine exists only when AICHOR_LOCAL_ENGINE=true: its
+experiments fail at the first step that needs it otherwise."""
 
 from django.conf import settings
 
 from experiments.engines.base import Engine, EngineError
 from experiments.engines.docker import DockerEngine
+from experiments.engines.kubernetes import KubernetesEngine
 from experiments.engines.local import LocalEngine
 
-REGISTRY: dict[str, type[Engine]] = {DockerEngine.kind: DockerEngine, LocalEngine.kind: LocalEngine}
+REGISTRY: dict[str, type[Engine]] = {
+    DockerEngine.kind: DockerEngine,
+    KubernetesEngine.kind: KubernetesEngine,
+    LocalEngine.kind: LocalEngine,
+}
 DISABLED = "the local engine is disabled: set AICHOR_LOCAL_ENGINE=true"
 
 

@@ -39,6 +39,9 @@ class ProcessState:
     name: str
     phase: str  # "pending", "running", "exited", "missing"
     exit_code: int | None = None
+    # Why a pending process waits, in words a researcher understands (unschedulable for want
+    # of GPUs, an image that cannot be pulled…): the watcher writes it to the Running step log.
+    reason: str = ""
 
 
 class ExecSession:

@@ -6,13 +6,15 @@ from experiments.manifest import ManifestError, parse_manifest
 from experiments.manifest.types import PvcMount
 from projects.models import Engine, PersistentVolumeClaim
 from tests.helpers import manifest_yaml
+from tests.k8s.conftest import fake_k8s, fake_k8s_server, kubeconfig  # noqa: F401 (fixtures)
 
 URL = "/p/vision/pvcs/"
 
 
 @pytest.fixture
-def k8s(project):
-    engine = Engine.objects.create(name="cluster", kind=Engine.Kind.KUBERNETES)
+def k8s(project, kubeconfig):  # noqa: F811
+    # A record is a claim on the cluster (tests/projects/test_pvcs_cluster.py): the fake one.
+    engine = Engine.objects.create(name="cluster", kind=Engine.Kind.KUBERNETES, config={"kubeconfig": str(kubeconfig)})
     project.engines.add(engine)
     return engine
 

@@ -203,6 +203,14 @@ def github(request: HttpRequest, slug: str) -> JsonResponse:
     if not hmac.compare_digest(signature, expected):
         return JsonResponse({"error": "bad or missing X-Hub-Signature-256"}, status=403)
     event = request.headers.get("X-GitHub-Event", "")
+    if event == "ping":
+        # Sent when a hook is created and by the Connect panel's test: listed among the deliveries.
+        try:
+            delivery_id = _delivery_id(request.headers.get("X-GitHub-Delivery", ""), "X-GitHub-Delivery")
+        except Invalid as exc:
+            return JsonResponse({"error": str(exc), "field": exc.field}, status=422)
+        if delivery_id:
+            services.record_ignored_delivery(project=project, provider="github", delivery_id=delivery_id)
     if event != "push":
         return _ignored(f"{event[:100] or 'unknown'} events are ignored")
     payload = _github_payload(request)
@@ -253,7 +261,8 @@ def gitlab(request: HttpRequest, slug: str) -> JsonResponse:
     except Invalid as exc:
         return JsonResponse({"error": str(exc), "field": exc.field}, status=422)
     after = payload.get("after")
-    deleted = after == ZERO_SHA
+    # A deleted branch: `after` all zeros and no checkout_sha (versions differ on null or zeros).
+    deleted = after in (ZERO_SHA, None) and payload.get("checkout_sha") in (ZERO_SHA, None)
     sha, sha_field = payload.get("checkout_sha"), "checkout_sha"
     if not sha:
         sha, sha_field = after, "after"

@@ -40,7 +40,7 @@ class Group:
     """Processes of one kind: a manifest type, a KubeRay pool, or the KubeRay submitter."""
 
     name: str
-    role: str  # "master", "worker", "job", "main", "head", "ray-worker", "submitter"
+    role: str  # "master", "worker", "job", "main", "head", "ray-worker", "submitter", "chief", "ps"
     replicas: int
     resources: Resources
     completions: int = 1
@@ -73,6 +73,17 @@ class Workload:
     ray_version: str | None = None
     # For the step log: what the manifest asked and aichor ignored.
     warnings: list[str] = field(default_factory=list)
+    # Names in `env` whose values are sensitive: an engine that writes specs someone can read
+    # (Kubernetes) passes them through a Secret, never inline.
+    secret_env: frozenset[str] = frozenset()
+    # The project's namespace (SPEC §1): a cluster engine runs the workload there.
+    namespace: str = ""
+    # builder.context: where an engine without images runs the commands from, as the image's
+    # working directory would be the context's copy.
+    context: str = "."
+    # The manifest's optional services an engine may not provide ("tensorboard", "jupyter",
+    # "vscode"): each engine names, in warnings_for, those it does not.
+    features: frozenset[str] = frozenset()
 
 
 def mount_point(volume: Volume) -> str:
@@ -124,17 +135,20 @@ def environment(
     bucket volume."""
     inputs, outputs, storage = _storage(experiment, path_of)
     prefix = experiment.output_prefix
+    tensorboard = f"{outputs}{prefix}tensorboard/"
     aichor = dict(
         zip(
             AICHOR_VARS,
             (
                 inputs,
                 f"{outputs}{prefix}",
-                f"{outputs}{prefix}tensorboard/",
+                tensorboard,
                 str(experiment.pk),
                 str(experiment.project_id),
                 experiment.message,
                 experiment.commit_sha,
+                tensorboard,
+                experiment.message,
             ),
             strict=True,
         )
@@ -143,6 +157,7 @@ def environment(
     taken = {v.name for v in variables}
     manifest = experiment.typed_manifest
     spec_env = manifest.spec.env if manifest else {}
+    # Validation refuses these names now; a manifest stored before it did may still carry them.
     warnings = [
         f"spec.env.{name} is set by aichor and cannot be overridden: ignored"
         for name in spec_env
@@ -167,6 +182,8 @@ def _group(operator: str, group: ProcessGroup) -> Group:
         role = "job"
     elif operator in ("pytorch", "xgboost", "jax", "kuberay"):
         role = _ROLES.get(group.name, "worker")
+    elif operator == "tf":
+        role = group.name.lower()  # TFJob's replica types: chief, worker, ps
     else:
         role = "main"
     return Group(
@@ -176,7 +193,8 @@ def _group(operator: str, group: ProcessGroup) -> Group:
         resources=group.resources,
         completions=group.completions,
         parallelism=group.parallelisms,
-        decisive=operator != "kuberay",
+        # Neither a Ray head nor a TensorFlow parameter server ever ends by itself.
+        decisive=operator != "kuberay" and not (operator == "tf" and group.name == "PS"),
         ray_start_params=dict(group.ray_start_params),
     )
 
@@ -221,4 +239,16 @@ def build_workload(experiment: Experiment, *, path_of: Callable[[Volume], str] =
         timeout=spec.timeout,
         ray_version=spec.ray_version,
         warnings=warnings,
+        secret_env=frozenset(v.name for v in variables if v.sensitive),
+        namespace=experiment.project.namespace,
+        context=experiment.typed_manifest.builder.context,
+        features=frozenset(
+            name
+            for name, asked in (
+                ("tensorboard", spec.tensorboard),
+                ("jupyter", spec.debug.jupyter),
+                ("vscode", spec.debug.vscode.enabled),
+            )
+            if asked
+        ),
     )

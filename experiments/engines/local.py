@@ -5,6 +5,7 @@ its exit code in a file, so a restarted worker can still tell how it ended."""
 import codecs
 import fcntl
 import ipaddress
+import json
 import os
 import pty
 import select
@@ -27,6 +28,8 @@ from experiments.engines.single_host import (
     SingleHostEngine,
     bucket_dir,
     described,
+    shared_volume,
+    tell_progress,
 )
 from experiments.workload import Volume, Workload
 
@@ -34,6 +37,10 @@ from experiments.workload import Volume, Workload
 _children: dict[int, subprocess.Popen] = {}
 
 WRAPPER = 'sh -c "$0" > "$1" 2>&1; code=$?; echo $code > "$2.tmp"; mv "$2.tmp" "$2"'
+# A jobset completion held back to its job's parallelism waits for the exit file ($3) of the
+# completion `parallelisms` places before it: so at most that many of a job run at once, and
+# each starts as one ends. Cancel kills the waiting shell with the rest.
+WAITING_WRAPPER = 'while [ ! -e "$3" ]; do sleep 0.2; done; ' + WRAPPER
 
 # All a local process inherits from the server: enough to find programs and keep the user's
 # locale. Never more: the server's environment holds its secret key and database URL.
@@ -60,13 +67,37 @@ class LocalEngine(SingleHostEngine):
     def mounts(self, workload: Workload) -> list[Mount]:
         return []
 
+    def shared_path(self, workload: Workload, volume: Volume) -> str:
+        # No mounts here: the processes find the shared volume through SHARED_VOLUME_VAR.
+        return str(self._root() / workload.experiment_id / "shared")
+
+    def warnings_for(self, workload: Workload) -> list[str]:
+        warnings = super().warnings_for(workload)
+        if shared_volume(workload):
+            warnings.append(
+                "sharedVolume: the local engine mounts nothing; the processes share the folder "
+                f"{self.shared_path(workload, shared_volume(workload))} ($AICHOR_SHARED_VOLUME_PATH) instead"
+            )
+        resources = [g.resources for g in workload.groups if g.replicas]
+        for asked, what in (
+            (any(r.gpus or r.tpu for r in resources), "accelerators"),
+            (any(r.extra_selectors for r in resources), "extraSelectors"),
+            (any(r.extra_tolerations for r in resources), "extraTolerations"),
+            (any(r.rdma for r in resources), "rdma"),
+        ):
+            if asked:
+                warnings.append(f"the local engine runs processes on the server's own host: {what} ignored")
+        return warnings
+
     def start(self, workload: Workload, processes: list[ProcessSpec], mounts: list[Mount], *, log, cancelled) -> dict:
         experiment_id = workload.experiment_id
         self.cleanup_experiment(experiment_id)
         root = self._root() / experiment_id
         root.mkdir(parents=True, exist_ok=True)
-        # The clone step's scratch folder (pipeline.common.workdir_of): processes start in the code.
-        workdir = Path(settings.WORK_DIR) / experiment_id
+        if any(v.kind == "shared" for v in workload.volumes):
+            (root / "shared").mkdir(exist_ok=True)
+        cwd = self._code_dir(workload, root)
+        after = waits_for(processes)
         pids = {}
         for proc in processes:
             if cancelled():
@@ -74,9 +105,12 @@ class LocalEngine(SingleHostEngine):
                 shutil.rmtree(root, ignore_errors=True)
                 raise Cancelled()
             env = {**clean_environment(), **proc.env}
+            wrapper = [WRAPPER, proc.command, str(root / f"{proc.name}.log"), str(root / f"{proc.name}.exit")]
+            if proc.name in after:
+                wrapper = [WAITING_WRAPPER, *wrapper[1:], str(root / f"{after[proc.name]}.exit")]
             child = subprocess.Popen(
-                ["sh", "-c", WRAPPER, proc.command, str(root / f"{proc.name}.log"), str(root / f"{proc.name}.exit")],
-                cwd=str(workdir if workdir.is_dir() else root),
+                ["sh", "-c", *wrapper],
+                cwd=str(cwd),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -86,35 +120,62 @@ class LocalEngine(SingleHostEngine):
             _children[child.pid] = child
             pids[proc.name] = child.pid
             log(f"started {proc.name} as pid {child.pid}\n")
-        # With each process's role and decisiveness: find() must tell them again after a restart.
-        lines = [f"{p.name} {pids[p.name]} {p.role or '-'} {int(p.decisive)}\n" for p in processes]
+        # With each process's role, decisiveness and the completion it waits for: find() must
+        # tell them again after a restart.
+        lines = [
+            f"{p.name} {pids[p.name]} {p.role or '-'} {int(p.decisive)} {after.get(p.name, '-')}\n" for p in processes
+        ]
         (root / "handle").write_text("".join(lines))
-        return {"dir": str(root), "pids": pids, **described(processes)}
+        plan = described(processes)
+        (root / "queues.json").write_text(json.dumps(plan.get("queues", {})))
+        return {"dir": str(root), "pids": pids, "after": after, **plan}
+
+    def _code_dir(self, workload: Workload, root: Path) -> Path:
+        """builder.context inside the clone step's scratch folder (pipeline.common.workdir_of):
+        processes start there, as they would in the image's working directory."""
+        workdir = Path(settings.WORK_DIR) / workload.experiment_id
+        if not workdir.is_dir():
+            return root
+        context = (workdir / (workload.context or ".")).resolve()
+        if context != workdir.resolve() and workdir.resolve() not in context.parents:
+            raise EngineError(f"builder.context {workload.context!r} points outside the repository")
+        if not context.is_dir():
+            raise EngineError(f"builder.context {workload.context!r} is not a folder of the repository")
+        return context
 
     def find(self, experiment_id: str) -> dict | None:
         root = self._root() / experiment_id
         if not (root / "handle").exists():
             return None
-        handle: dict = {"dir": str(root), "pids": {}, "roles": {}, "decisive": []}
+        handle: dict = {"dir": str(root), "pids": {}, "roles": {}, "decisive": [], "after": {}}
         for line in (root / "handle").read_text().splitlines():
-            name, pid, role, decisive = [*line.split(" "), "", "1"][:4]
+            name, pid, role, decisive, after = [*line.split(" "), "", "1", "-"][:5]
             handle["pids"][name] = int(pid)
             handle["roles"][name] = "" if role == "-" else role
             if decisive == "1":
                 handle["decisive"].append(name)
+            if after != "-":
+                handle["after"][name] = after
+        if (root / "queues.json").exists():
+            handle["queues"] = json.loads((root / "queues.json").read_text()) or {}
         return handle
 
     def status(self, handle: dict) -> list[ProcessState]:
         root = Path(handle["dir"])
         states = []
+        after = handle.get("after") or {}
         for name, pid in handle.get("pids", {}).items():
             exit_file = root / f"{name}.exit"
             if exit_file.exists():
                 states.append(ProcessState(name, "exited", int(exit_file.read_text().strip() or -1)))
-            elif pid and _alive(pid):
-                states.append(ProcessState(name, "running"))
-            else:
+            elif not (pid and _alive(pid)):
                 states.append(ProcessState(name, "missing"))
+            elif name in after and not (root / f"{after[name]}.exit").exists():
+                states.append(ProcessState(name, "pending"))
+            else:
+                states.append(ProcessState(name, "running"))
+        if handle.get("queues"):
+            tell_progress(handle, states)
         return states
 
     def logs(self, handle: dict, process: str, cursor: int | None = None) -> tuple[list[str], int | None]:
@@ -184,6 +245,20 @@ class LocalEngine(SingleHostEngine):
 
     def cleanup(self, handle: dict) -> None:
         shutil.rmtree(handle["dir"], ignore_errors=True)
+
+
+def waits_for(processes: list[ProcessSpec]) -> dict[str, str]:
+    """Each held-back completion and the one `parallelism` places before it in its job."""
+    after = {}
+    queues: dict[str, list[ProcessSpec]] = {}
+    for p in processes:
+        if p.queue:
+            queues.setdefault(p.queue, []).append(p)
+    for queue in queues.values():
+        for index, p in enumerate(queue):
+            if index >= p.parallelism:
+                after[p.name] = queue[index - p.parallelism].name
+    return after
 
 
 def _alive(pid: int) -> bool:

@@ -3,6 +3,7 @@ workload's groups become numbered processes reaching each other on 127.0.0.1 thr
 ports, with the distribution variables each operator's training code expects (SPEC §5), and
 the bucket volumes become folders under BUCKETS_ROOT."""
 
+import json
 import shlex
 import socket
 from collections.abc import Callable
@@ -11,7 +12,9 @@ from pathlib import Path
 
 from django.conf import settings
 
-from experiments.engines.base import Engine, EngineError, ProcessInfo, never
+from experiments.engines.base import Engine, EngineError, ProcessInfo, ProcessState, never
+from experiments.engines.k8s_objects import object_name
+from experiments.manifest.parse import TF_TYPES
 from experiments.manifest.types import Resources
 from experiments.workload import Group, Volume, Workload
 
@@ -28,13 +31,29 @@ class ProcessSpec:
     # Only decisive processes' exit codes decide the outcome (a Ray head is not decisive).
     decisive: bool = True
     role: str = ""
+    # A jobset job's completions run `parallelism` at a time: the processes of one `queue`
+    # (the job), in completion order, start as earlier ones end.
+    queue: str = ""
+    parallelism: int = 0
 
 
 @dataclass
 class Mount:
-    source: str  # host path
+    source: str  # host path, or the volume's name
     target: str  # path inside the process
     read_only: bool = False
+    kind: str = "bind"  # or "volume": an engine volume made for the experiment
+
+
+# Where a process finds the experiment's shared volume (spec.storage.sharedVolume) whatever the
+# engine: its mountPoint in a container, a scratch folder on the local engine.
+SHARED_VOLUME_VAR = "AICHOR_SHARED_VOLUME_PATH"
+# What the manifest may ask that no single host provides (yet), for the step log.
+UNSERVED = {
+    "tensorboard": "tensorboard.enabled: TensorBoard is not served for {kind} engines yet: ignored",
+    "jupyter": "debug.jupyter: the {kind} engine starts no Jupyter server: ignored",
+    "vscode": "debug.vscode: the {kind} engine starts no VS Code server: ignored",
+}
 
 
 def free_ports(count: int) -> list[int]:
@@ -50,6 +69,13 @@ def free_ports(count: int) -> list[int]:
 
 
 def ports_needed(workload: Workload) -> int:
+    if workload.operator == "tf":
+        return sum(group.replicas for group in workload.groups)  # TF_CONFIG lists one per process
+    if workload.operator == "kuberay":
+        # GCS, dashboard (the job server), client server, then a dashboard agent port per Ray node:
+        # every node of the cluster shares one network namespace, and the agent's default port
+        # (52365) can be taken only once there.
+        return 3 + sum(g.replicas for g in workload.groups if g.role in ("head", "ray-worker"))
     return 2 if workload.operator == "xgboost" else 1
 
 
@@ -72,6 +98,10 @@ def bucket_dirs(workload: Workload) -> None:
                 ) from None
         elif volume.kind == "inputs":
             bucket_dir(volume).mkdir(parents=True, exist_ok=True)
+
+
+def shared_volume(workload: Workload) -> Volume | None:
+    return next((v for v in workload.volumes if v.kind == "shared"), None)
 
 
 def _first(workload: Workload, *names: str) -> Group | None:
@@ -110,6 +140,8 @@ def plan_processes(workload: Workload, *, host: str, ports: list[int]) -> list[P
 
     if operator == "jobset":
         total = sum(group.replicas for group in workload.groups)
+        # The name the JobSet has on Kubernetes, so code that logs or keys on it sees the same.
+        jobset_name = object_name(workload.experiment_id)
         processes, global_index = [], 0
         for group in workload.groups:
             for job_index in range(group.replicas):
@@ -121,35 +153,179 @@ def plan_processes(workload: Workload, *, host: str, ports: list[int]) -> list[P
                         "GLOBAL_REPLICAS": str(total),
                         "REPLICATED_JOB_NAME": group.name,
                         "REPLICATED_JOB_REPLICAS": str(group.replicas),
+                        "JOBSET_NAME": jobset_name,
                     }
-                    processes.append(proc(f"{group.name}-{job_index}-{completion}", extra, group))
+                    process = proc(f"{group.name}-{job_index}-{completion}", extra, group)
+                    if group.parallelism < group.completions:
+                        process.queue, process.parallelism = f"{group.name}-{job_index}", group.parallelism
+                    processes.append(process)
                 global_index += 1
         return processes
 
     if operator == "kuberay":
-        head = next(g for g in workload.groups if g.role == "head")
-        # Quoted whole: a key is manifest text too, and must stay one flag of `ray start`.
-        params = " ".join(shlex.quote(f"--{k}={v}") for k, v in head.ray_start_params.items())
-        address = f"{host}:{ports[0]}"
-        ray = {"RAY_ADDRESS": address}
-        processes = [proc("head", ray, head, f"ray start --head --port={ports[0]} --block {params}")]
-        for pool in (g for g in workload.groups if g.role == "ray-worker"):
-            for i in range(pool.replicas):
-                processes.append(proc(f"{pool.name}-{i}", ray, pool, f"ray start --address={address} --block"))
-        # The submitter waits for the head, then runs the user's command as the Ray driver.
-        submitter = next(g for g in workload.groups if g.role == "submitter")
-        wait = f"until ray status --address={address} >/dev/null 2>&1; do sleep 1; done; "
-        processes.append(proc("submitter", ray, submitter, wait + command))
-        return processes
+        return _ray_processes(workload, host, ports, proc)
 
-    # batch (and legacy tf): a single process.
+    if operator == "tf":
+        return _tf_processes(workload, host, ports, proc)
+
+    # batch: a single process.
     only = workload.groups[0]
     return [proc(f"{only.name.lower()}-0", {}, only)]
 
 
+# KubeRay's ports: GCS, dashboard and job server, client server, then the dashboard agent's.
+RAY_PORTS = (6379, 8265, 10001, 52365)
+
+
+def ray_start_flags(params: dict[str, str]) -> list[str]:
+    """`rayStartParams` as KubeRay turns them into `ray start` flags: "true" is a bare flag,
+    "false" leaves it out (but for the options that take true/false as a value)."""
+    flags = []
+    for key, value in params.items():
+        value = str(value)
+        if value.lower() in ("true", "false") and key not in ("log-color", "include-dashboard"):
+            if value.lower() == "true":
+                flags.append(f"--{key}")
+        else:
+            flags.append(f"--{key}={value}")
+    # Quoted whole: a key is manifest text too, and must stay one flag of `ray start`.
+    return [shlex.quote(flag) for flag in flags]
+
+
+def _ray_processes(
+    workload: Workload, host: str, ports: list[int], proc: Callable[..., ProcessSpec]
+) -> list[ProcessSpec]:
+    """A Ray cluster as KubeRay makes it: the head (`ray start --head` with its rayStartParams),
+    the worker pools joining it, and a submitter that runs `spec.command` as a Ray job through
+    the head's job server (`ray job submit`, KubeRay's K8sJobMode). The driver thus runs on the
+    head, beside a local raylet: a separate container has no Ray session of its own to attach
+    the driver to."""
+    head = next(g for g in workload.groups if g.role == "head")
+    # Kubernetes plans only the names, with one placeholder port.
+    gcs, dashboard, client, *agents = [*ports, *[0] * ports_needed(workload)]
+    gcs = int(head.ray_start_params.get("port") or gcs or 6379)
+    dashboard = int(head.ray_start_params.get("dashboard-port") or dashboard or 8265)
+    address = f"{host}:{gcs}"
+    # RAY_SERVER: the name older AIchor code passes to ray.init(address=...).
+    ray = {"RAY_ADDRESS": address, "RAY_SERVER": address}
+    agent = iter(agents)
+
+    def start(group: Group, first: str, ours: dict[str, object]) -> str:
+        port = next(agent, 0)
+        if port:
+            ours["dashboard-agent-listen-port"] = port
+        ours = {k: v for k, v in ours.items() if v and k not in group.ray_start_params}
+        flags = [*(f"--{k}={v}" for k, v in ours.items()), *ray_start_flags(group.ray_start_params)]
+        # --block keeps `ray start` in the foreground: the process lives as long as the node.
+        block = [] if "block" in group.ray_start_params else ["--block"]
+        return " ".join(["ray start", first, *block, *flags])
+
+    processes = [
+        proc(
+            "head",
+            ray,
+            head,
+            start(
+                head,
+                "--head",
+                {
+                    "port": gcs,
+                    "node-ip-address": host,
+                    # Only the experiment's own processes submit jobs (rayStartParams may widen it).
+                    "dashboard-host": host,
+                    "dashboard-port": dashboard,
+                    "ray-client-server-port": client,
+                },
+            ),
+        )
+    ]
+    for pool in (g for g in workload.groups if g.role == "ray-worker"):
+        for i in range(pool.replicas):
+            command = start(pool, f"--address={address}", {"node-ip-address": host})
+            processes.append(proc(f"{pool.name}-{i}", ray, pool, command))
+    submitter = next(g for g in workload.groups if g.role == "submitter")
+    jobs = f"http://{host}:{dashboard}"
+    # As KubeRay's submitter does: the command follows `--` as the manifest wrote it (`ray job
+    # submit` joins the words the shell made of it into the entrypoint the head's shell runs, in
+    # the working directory `ray start` was given there: the image's, or the code's locally).
+    submit = (
+        f"until ray job list --address={jobs} >/dev/null 2>&1; do sleep 1; done; "
+        f"exec ray job submit --address={jobs} -- {workload.command}"
+    )
+    processes.append(proc("submitter", {**ray, "RAY_DASHBOARD_ADDRESS": jobs}, submitter, submit))
+    return processes
+
+
+def _tf_processes(
+    workload: Workload, host: str, ports: list[int], proc: Callable[[str, dict, Group], ProcessSpec]
+) -> list[ProcessSpec]:
+    """TFJob's processes (`chief-0`, `worker-<i>`, `ps-<i>`), each with the TF_CONFIG the
+    training operator gives it: every process's address by type, and its own type and index.
+    Like the operator, a single process gets none (TensorFlow then trains locally)."""
+    groups = [
+        (name.lower(), group) for name in TF_TYPES for group in workload.groups if group.name == name and group.replicas
+    ]
+    # Kubernetes plans only the names, with fewer placeholder ports than processes.
+    port = iter([*ports, *[0] * sum(group.replicas for _, group in groups)])
+    cluster = {kind: [f"{host}:{next(port)}" for _ in range(group.replicas)] for kind, group in groups}
+    distributed = sum(len(addresses) for addresses in cluster.values()) > 1
+    processes = []
+    for kind, group in groups:
+        for i in range(group.replicas):
+            task = {"cluster": cluster, "task": {"type": kind, "index": i}, "environment": "cloud"}
+            processes.append(proc(f"{kind}-{i}", {"TF_CONFIG": json.dumps(task)} if distributed else {}, group))
+    return processes
+
+
 def described(processes: list[ProcessSpec]) -> dict:
-    """What a handle keeps of the plan, for `processes()` to tell roles and decisive ones."""
-    return {"roles": {p.name: p.role for p in processes}, "decisive": [p.name for p in processes if p.decisive]}
+    """What a handle keeps of the plan, for `processes()` to tell roles and decisive ones, and
+    the queues of completions held back to their job's parallelism."""
+    handle = {"roles": {p.name: p.role for p in processes}, "decisive": [p.name for p in processes if p.decisive]}
+    queues: dict[str, dict] = {}
+    for p in processes:
+        if p.queue:
+            queues.setdefault(p.queue, {"parallelism": p.parallelism, "processes": []})["processes"].append(p.name)
+    if queues:
+        handle["queues"] = queues
+    return handle
+
+
+def held_back(process: ProcessSpec, processes: list[ProcessSpec]) -> bool:
+    """Whether `process` waits for earlier completions of its job when the workload starts."""
+    if not process.queue:
+        return False
+    queue = [p.name for p in processes if p.queue == process.queue]
+    return queue.index(process.name) >= process.parallelism
+
+
+def to_start(handle: dict, phases: dict[str, str]) -> list[str]:
+    """The held-back completions that may start now: in each queue, the first pending ones,
+    as many as the parallelism leaves room for beside the running ones."""
+    names = []
+    for queue in (handle.get("queues") or {}).values():
+        running = sum(phases.get(name) == "running" for name in queue["processes"])
+        pending = [name for name in queue["processes"] if phases.get(name) == "pending"]
+        names += pending[: max(0, queue["parallelism"] - running)]
+    return names
+
+
+def tell_progress(handle: dict, states: list[ProcessState]) -> None:
+    """The next waiting completion of each job says why it waits and how far the jobs are: the
+    watcher writes a pending process's reason to the Running step log when it changes."""
+    phases = {s.name: s.phase for s in states}
+    done = progress(handle, phases)
+    nexts = {next((n for n in q["processes"] if phases.get(n) == "pending"), None) for q in handle["queues"].values()}
+    for state in states:
+        if state.name in nexts:
+            state.reason = f"next of its job once a running completion ends ({done})"
+
+
+def progress(handle: dict, phases: dict[str, str]) -> str:
+    """`completed 37/100` over the held-back queues, or "" without any."""
+    queued = [name for queue in (handle.get("queues") or {}).values() for name in queue["processes"]]
+    if not queued:
+        return ""
+    return f"completed {sum(phases.get(name) == 'exited' for name in queued)}/{len(queued)}"
 
 
 class SingleHostEngine(Engine):
@@ -158,15 +334,39 @@ class SingleHostEngine(Engine):
 
     # The handle's key of {process name: what runs it} (container ids, pids).
     targets_key = ""
+    # Completions held back to `parallelisms` are still made up front (a created container, a
+    # waiting shell), so the process limit counts every one of them: holds_back_completions
+    # stays False.
+
+    def warnings_for(self, workload: Workload) -> list[str]:
+        warnings = [UNSERVED[name].format(kind=self.kind) for name in sorted(workload.features) if name in UNSERVED]
+        for volume in workload.volumes:
+            if volume.kind == "pvc":
+                warnings.append(
+                    f"attachExistingPVCs: {volume.name} is a Kubernetes claim, not mounted on {self.kind} engines"
+                )
+        return warnings
 
     def submit(self, workload: Workload, *, log: Callable[[str], None], cancelled: Callable[[], bool] = never) -> dict:
         bucket_dirs(workload)
-        processes = plan_processes(workload, host=HOST, ports=free_ports(ports_needed(workload)))
+        processes = plan_processes(workload, host=HOST, ports=self.ports(workload))
+        shared = shared_volume(workload)
+        if shared:
+            for process in processes:
+                process.env[SHARED_VOLUME_VAR] = self.shared_path(workload, shared)
         log(f"{len(processes)} process(es) on this host\n")
         return self.start(workload, processes, self.mounts(workload), log=log, cancelled=cancelled)
 
+    def ports(self, workload: Workload) -> list[int]:
+        """The coordinators' ports (see plan_processes): free ones of this host by default."""
+        return free_ports(ports_needed(workload))
+
+    def shared_path(self, workload: Workload, volume: Volume) -> str:
+        """Where the processes of `workload` find its shared volume."""
+        return volume.mount_point
+
     def mounts(self, workload: Workload) -> list[Mount]:
-        # A single host has no claims to mount: the shared volume and PVCs are Kubernetes'.
+        # A single host has no claims to mount: PVCs are Kubernetes'.
         return [
             Mount(str(bucket_dir(v)), v.mount_point, v.read_only) for v in workload.volumes if v.kind in BUCKET_KINDS
         ]

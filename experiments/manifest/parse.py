@@ -36,9 +36,13 @@ from typing import Any
 
 import yaml
 
+from aichor.lib.variables import PROTECTED_VARS
 from experiments.manifest.types import Manifest
 
-OPERATORS = ("batch", "jobset", "jax", "pytorch", "xgboost", "kuberay")
+# `tf` is AIchor's legacy TensorFlow operator: no longer documented, still in users' repositories.
+OPERATORS = ("batch", "jobset", "jax", "pytorch", "xgboost", "kuberay", "tf")
+# The TFJob replica types AIchor passed through, in the order TF_CONFIG lists them.
+TF_TYPES = ("Chief", "Worker", "PS")
 API_VERSIONS = ("0.2.3", "0.2.2", "0.2.1")
 KIND = "AIchorManifest"
 
@@ -640,7 +644,7 @@ class _Validator:
             "image": image,
             "command": command,
             "timeout": timeout,
-            "env": self.string_map(obj.get("env"), "spec.env"),
+            "env": self.env(obj.get("env")),
             "tensorboard": {"enabled": self.boolean(tensorboard.get("enabled"), "spec.tensorboard.enabled")},
             "storage": self.storage(obj.get("storage")),
             "debug": self.debug(obj.get("debug")),
@@ -652,6 +656,14 @@ class _Validator:
         if operator == "kuberay":
             result["workers"] = workers
         return result
+
+    def env(self, value: Any) -> dict[str, str]:
+        env = self.string_map(value, "spec.env")
+        for name in env:
+            if name in PROTECTED_VARS:
+                # AIchor refuses them too: a run where the code silently sees another value is worse.
+                self.err(f"spec.env.{name}", f"{name} is set by aichor and cannot be overridden; remove it")
+        return env
 
     def storage(self, value: Any) -> dict:
         obj = self.mapping(value, "spec.storage", _STORAGE_KEYS) or {}
@@ -760,6 +772,7 @@ class _Validator:
             "jax": self.jax_types,
             "jobset": self.jobset_types,
             "batch": self.batch_types,
+            "tf": self.tf_types,
         }[operator]
         return handler(value, names, operator), []
 
@@ -839,6 +852,17 @@ class _Validator:
                     f"spec.types.{name}.count",
                     "batch runs a single process; count must be 1 (use jobset for several processes)",
                 )
+        return result
+
+    def tf_types(self, types: dict, names: list[str], operator: str) -> dict:
+        self._only(types, names, TF_TYPES, "tf accepts 'Chief', 'Worker' and 'PS'")
+        result = self._collect(types, TF_TYPES)
+        chief = result.get("Chief")
+        if chief is not None and chief["count"] is not None and chief["count"] != 1:
+            self.err("spec.types.Chief.count", "there is exactly one Chief; count must be 1")
+        if set(result) == {"PS"}:
+            # Parameter servers serve until the workers are done: alone they would never end.
+            self.err("spec.types", "tf needs a 'Worker' or a 'Chief' type besides 'PS'")
         return result
 
     def jobset_types(self, types: dict, names: list[str], operator: str) -> dict:

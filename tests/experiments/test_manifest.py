@@ -505,6 +505,13 @@ EVERY_OPERATOR = {
         types="    Master:\n      resources: {cpus: 2, memory: 4}\n"
         "    Worker:\n      count: 3\n      resources: {cpus: 4, ramRatio: 1, accelerators: {gpu: {count: 2}}}\n",
     ),
+    "tf": manifest_yaml(
+        "python main.py",
+        operator="tf",
+        types="    Chief:\n      resources: {cpus: 2, memory: 4}\n"
+        "    Worker:\n      count: 2\n      resources: {cpus: 2, memory: 4}\n"
+        "    PS:\n      resources: {cpus: 1, memory: 2}\n",
+    ),
     "kuberay": manifest_yaml(
         "python main.py",
         operator="kuberay",
@@ -756,16 +763,53 @@ def test_unsupported_operator_is_refused_but_resources_are_still_checked():
     errors = errors_of(
         manifest(
             """
-            operator: tf
+            operator: mpi
             types:
               Worker: {count: 2, resources: {cpus: 2}}
             """
         )
     )
     assert errors == [
-        f"spec.operator: unsupported operator 'tf'; use one of {', '.join(OPERATORS)}",
+        f"spec.operator: unsupported operator 'mpi'; use one of {', '.join(OPERATORS)}",
         "spec.types.Worker.resources: set exactly one of ramRatio or memory",
     ]
+
+
+def test_legacy_tf_operator_takes_chief_worker_and_ps():
+    # The shape of AIchor's own tf sample (apiVersion 0.2.2, Worker only) and a distributed one.
+    single = parse_manifest(manifest("operator: tf\ntypes:\n  Worker: {count: 1, resources: {cpus: 1, ramRatio: 2}}"))
+    assert [(g.name, g.count) for g in single.spec.groups] == [("Worker", 1)]
+    types = "  Chief: {resources: {memory: 4}}\n  Worker: {count: 2, resources: {memory: 4}}\n"
+    full = parse_manifest(manifest(f"operator: tf\ntypes:\n{types}  PS: {{count: 2, resources: {{memory: 2}}}}"))
+    assert [(g.name, g.count) for g in full.spec.groups] == [("Chief", 1), ("Worker", 2), ("PS", 2)]
+    assert full.totals().processes == 5
+
+
+def test_tf_types_are_checked():
+    errors = errors_of(
+        manifest(
+            """
+            operator: tf
+            types:
+              Chief: {count: 2, resources: {memory: 4}}
+              worker: {count: 2, resources: {memory: 4}}
+            """
+        )
+    )
+    assert errors == [
+        "spec.types.worker: unknown process type; tf accepts 'Chief', 'Worker' and 'PS'",
+        "spec.types.Chief.count: there is exactly one Chief; count must be 1",
+    ]
+    assert errors_of(manifest("operator: tf\ntypes:\n  PS: {resources: {memory: 4}}")) == [
+        "spec.types: tf needs a 'Worker' or a 'Chief' type besides 'PS'"
+    ]
+
+
+@pytest.mark.parametrize("name", ["AICHOR_INPUT_PATH", "AICHOR_LOGS_PATH", "RANK", "TF_CONFIG", "RAY_SERVER"])
+def test_a_protected_name_in_spec_env_is_an_error_naming_it(name):
+    env = f"env: {{FINE: yes, {name}: /elsewhere}}"
+    errors = errors_of(manifest(f"operator: batch\n{env}\ntypes:\n  worker: {{resources: {{memory: 1}}}}"))
+    assert errors == [f"spec.env.{name}: {name} is set by aichor and cannot be overridden; remove it"]
 
 
 def test_resource_limits_are_checked():

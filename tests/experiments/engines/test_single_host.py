@@ -6,8 +6,8 @@ import uuid
 import pytest
 
 from experiments.engines.docker import DockerEngine
-from experiments.engines.local import LocalEngine
-from experiments.engines.single_host import plan_processes
+from experiments.engines.local import LocalEngine, waits_for
+from experiments.engines.single_host import described, held_back, plan_processes, progress, ray_start_flags, to_start
 from experiments.manifest import parse_manifest
 from experiments.workload import Workload, groups_of
 from tests.helpers import TEST_IMAGE
@@ -138,3 +138,56 @@ def test_docker_engine_names_roles_and_the_decisive_process_also_when_found_agai
             assert container.labels["aichor.process"] == process.name
     finally:
         engine.cleanup_experiment(experiment_id)
+
+
+def test_ray_start_params_become_flags_as_kuberay_writes_them():
+    assert ray_start_flags({"num-cpus": "0", "block": "true", "include-dashboard": "false", "x": "False"}) == [
+        "--num-cpus=0",
+        "--block",
+        "--include-dashboard=false",
+    ]
+
+
+def test_kuberay_head_and_workers_join_one_cluster_and_the_submitter_submits_a_job():
+    types = (
+        f"    Head:\n{RES}      rayStartParams:\n        num-cpus: '0'\n"
+        f"    Workers:\n      - name: small\n        count: 2\n{RES.replace('      ', '        ')}"
+    )
+    plan = workload("kuberay", types)
+    ports = [6379, 8265, 10001, 52365, 52366, 52367]
+    by_name = {p.name: p.command for p in plan_processes(plan, host="h", ports=ports)}
+    assert by_name["head"].startswith("ray start --head --block --port=6379 ")
+    assert "--num-cpus=0" in by_name["head"] and "--dashboard-port=8265" in by_name["head"]
+    # Every node of the shared network namespace has a dashboard agent port of its own.
+    agents = {
+        name: command.split("--dashboard-agent-listen-port=")[1].split()[0]
+        for name, command in by_name.items()
+        if name != "submitter"
+    }
+    assert agents == {"head": "52365", "small-0": "52366", "small-1": "52367"}
+    assert by_name["small-0"].startswith("ray start --address=h:6379 --block")
+    assert by_name["submitter"].endswith("ray job submit --address=http://h:8265 -- python train.py")
+
+
+def test_parallelisms_hold_completions_in_queues_per_job():
+    types = f"    workers:\n      count: 2\n      completions: 5\n      parallelisms: 2\n{RES}"
+    processes = plan_processes(workload("jobset", types), host="h", ports=[1])
+    handle = described(processes)
+    assert handle["queues"]["workers-1"] == {
+        "parallelism": 2,
+        "processes": [f"workers-1-{i}" for i in range(5)],
+    }
+    assert [p.name for p in processes if held_back(p, processes)] == [
+        f"workers-{job}-{i}" for job in range(2) for i in range(2, 5)
+    ]
+    # The local engine chains each held completion to the one `parallelisms` places before it.
+    assert waits_for(processes)["workers-0-4"] == "workers-0-2"
+    phases = {p.name: "pending" for p in processes}
+    phases |= {"workers-0-0": "exited", "workers-0-1": "running", "workers-1-0": "running", "workers-1-1": "running"}
+    assert to_start(handle, phases) == ["workers-0-2"]
+    assert progress(handle, phases) == "completed 1/10"
+
+
+def test_completions_run_all_at_once_when_parallelisms_allows():
+    types = f"    workers:\n      count: 1\n      completions: 3\n      parallelisms: 3\n{RES}"
+    assert "queues" not in described(plan_processes(workload("jobset", types), host="h", ports=[1]))

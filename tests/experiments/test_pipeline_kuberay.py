@@ -1,0 +1,92 @@
+"""KubeRay on the docker engine with real Ray from PyPI: the head, the worker pools and the
+submitter form one Ray cluster, and `spec.command` runs against it as KubeRay's submitter runs
+it (`ray job submit` to the head's job server)."""
+
+import pytest
+
+from experiments import logs
+from experiments.models import Status
+from tests.experiments.ray_image import ray_image
+from tests.helpers import containers_of, ended, github_push, manifest_yaml, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker]
+
+# Tasks need a CPU, and the head offers none (`num-cpus: "0"`, as KubeRay demos set it): they
+# can only run on the worker pool's nodes.
+RAY_SCRIPT = """\
+import os
+import time
+
+import ray
+
+ray.init(address=os.environ["RAY_SERVER"])
+deadline = time.monotonic() + 90
+while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.monotonic() < deadline:
+    time.sleep(0.5)
+
+
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+def node_of(i):
+    time.sleep(0.5)
+    return ray.get_runtime_context().get_node_id()
+
+
+nodes = set(ray.get([node_of.remote(i) for i in range(8)]))
+print("nodes", len([n for n in ray.nodes() if n["Alive"]]))
+print("task nodes", len(nodes))
+print("cwd", os.getcwd())
+"""
+TYPES = (
+    "    Head:\n"
+    "      resources:\n        cpus: 1\n        ramRatio: 2\n"
+    "      rayStartParams:\n        num-cpus: '0'\n        dashboard-host: 0.0.0.0\n"
+    "    Workers:\n"
+    "      - name: small\n        count: 2\n"
+    "        resources:\n          cpus: 1\n          ramRatio: 2\n"
+)
+
+
+@pytest.fixture
+def ray_dockerfile(docker_client) -> str:
+    return f"FROM {ray_image(docker_client)}\nWORKDIR /app\nCOPY . /app\n"
+
+
+def test_kuberay_forms_a_cluster_and_runs_the_command_on_it(
+    client, docker_project, git_repo, docker_client, ray_dockerfile, celery_worker_thread
+):
+    message = "aichor[ray.yaml]: ray cluster"
+    manifest = manifest_yaml(
+        "python3 src/cluster.py", operator="kuberay", types=TYPES, extra_spec="  rayVersion: 2.23.0\n"
+    )
+    sha = git_repo.commit(
+        {"aichor_manifests/ray.yaml": manifest, "Dockerfile": ray_dockerfile, "src/cluster.py": RAY_SCRIPT}, message
+    )
+    response = github_push(client, docker_project, sha=sha, message=message)
+    assert response.status_code == 201, response.content
+    experiment = ended(response.json()["experiment"], timeout=300)
+    output = logs.log_text(experiment.pk, "process:submitter")
+    assert experiment.status == Status.SUCCEEDED, (experiment.failure_reason, output[-3000:])
+    assert "nodes 3" in output
+    assert "task nodes 2" in output  # both workers ran tasks; the head (no CPUs) none
+    assert "http://127.0.0.1:8265" in output  # KubeRay's job server port, in the experiment's namespace
+    assert "cwd /app" in output  # the image's working directory, as the command was written for
+    wait_for(lambda: containers_of(docker_client, experiment.pk) == [], timeout=60, message="containers removed")
+
+
+def test_a_failing_ray_job_fails_the_experiment_with_its_output(
+    client, docker_project, git_repo, docker_client, ray_dockerfile, celery_worker_thread
+):
+    message = "aichor[ray.yaml]: ray job fails"
+    script = "import ray\nray.init()\nprint('driver on', len(ray.nodes()), 'node(s)')\nraise SystemExit(3)\n"
+    types = "    Head:\n      resources:\n        cpus: 1\n        ramRatio: 2\n"
+    manifest = manifest_yaml("python3 fail.py", operator="kuberay", types=types)
+    sha = git_repo.commit(
+        {"aichor_manifests/ray.yaml": manifest, "Dockerfile": ray_dockerfile, "fail.py": script}, message
+    )
+    response = github_push(client, docker_project, sha=sha, message=message)
+    assert response.status_code == 201, response.content
+    experiment = ended(response.json()["experiment"], timeout=300)
+    output = logs.log_text(experiment.pk, "process:submitter")
+    assert experiment.status == Status.FAILED, output[-3000:]
+    assert "submitter exited with code" in experiment.failure_reason
+    assert "driver on 1 node(s)" in output

@@ -1,6 +1,7 @@
 """Append-only logs kept in LogChunk rows, so they survive the containers and stay out of the
 experiment row. One writer per stream (the task that owns the step or the process)."""
 
+import logging
 import threading
 import time
 
@@ -8,6 +9,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max, Sum
 
 from experiments.models import LogChunk
+
+logger = logging.getLogger("experiments.logs")
 
 FLUSH_BYTES = 64 * 1024
 FLUSH_SECONDS = 0.5
@@ -90,6 +93,9 @@ class LogWriter:
                 self._load_position()
         self._seq += 1
         self._lines += count
+        # The substring test first: most output has no metric, and this runs on every chunk.
+        if "AICHOR_METRIC" in text and self.stream.startswith("process:"):
+            _record_metrics(self.experiment_id, text)
 
     def close(self) -> None:
         self.flush()
@@ -99,6 +105,17 @@ class LogWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _record_metrics(experiment_id, text: str) -> None:
+    from metrics.services import record_log_metrics  # metrics reads experiments' models
+
+    try:
+        record_log_metrics(experiment_id, text)
+    except Exception:
+        # The log chunk is stored already; a metric that cannot be recorded must not stop the
+        # watcher from reading the rest of the output.
+        logger.exception("metrics of experiment %s not recorded", experiment_id)
 
 
 def append_log(experiment_id, stream: str, text: str) -> None:

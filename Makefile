@@ -33,8 +33,7 @@ run: export AICHOR_ALLOW_LOCAL_REPOS ?= true
 run: setup
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
-	$(BIN)/python manage.py bootstrap
-	HOST=$(HOST) PORT=$(PORT) BIN=$(BIN) scripts/run.sh
+	@HOST=$(HOST) PORT=$(PORT) BIN=$(BIN) scripts/run.sh
 
 services:
 	@scripts/services.sh

@@ -43,12 +43,15 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django.forms",  # the widgets' templates, for FORM_RENDERER
     "django_htmx",
     "ninja",  # the API docs page served with its own Swagger files, not from a CDN
     "channels",
     "projects",
     "experiments",
     "datasets",
+    "notifications",
+    "metrics",
     "axes",  # login throttling (projects/login.py)
 ]
 
@@ -82,6 +85,8 @@ TEMPLATES = [
         },
     },
 ]
+# Every form renders through templates/forms/ (one look on every page).
+FORM_RENDERER = "aichor.forms.FormRenderer"
 WSGI_APPLICATION = None
 ASGI_APPLICATION = "aichor.asgi.application"
 
@@ -152,7 +157,9 @@ else:
     _broker_dir = DATA_DIR / "broker"
     for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
-    CELERY_BROKER_URL = "filesystem://"
+    # The host is only named so that kombu does not warn "No hostname was supplied" on every
+    # connection (the folders below are the whole broker).
+    CELERY_BROKER_URL = "filesystem://localhost//"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
@@ -176,14 +183,21 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # one worker per queue.
 PIPELINE_QUEUE = "celery"
 WATCH_QUEUE = "watch"
+# Commit statuses, outbound notifications and e-mail: a Git host or receiver that is slow or
+# down delays only this queue, never the pipeline.
+NOTIFY_QUEUE = "notify"
 CELERY_TASK_DEFAULT_QUEUE = PIPELINE_QUEUE
 # Each queue its own routing key: by default both would be bound with the key "celery", and a
 # direct exchange would copy every message into both.
-CELERY_TASK_QUEUES = (Queue(PIPELINE_QUEUE, routing_key=PIPELINE_QUEUE), Queue(WATCH_QUEUE, routing_key=WATCH_QUEUE))
+CELERY_TASK_QUEUES = (
+    Queue(PIPELINE_QUEUE, routing_key=PIPELINE_QUEUE),
+    Queue(WATCH_QUEUE, routing_key=WATCH_QUEUE),
+    Queue(NOTIFY_QUEUE, routing_key=NOTIFY_QUEUE),
+)
 CELERY_TASK_ROUTES = {
     f"experiments.{name}": {"queue": WATCH_QUEUE}
     for name in ("watch_engine", "watch", "complete", "stop", "reconcile", "sweep_archives")
-}
+} | {"notifications.*": {"queue": NOTIFY_QUEUE}}
 CELERY_BEAT_SCHEDULE = {
     "reconcile": {
         "task": "experiments.reconcile",
@@ -229,10 +243,33 @@ MAX_REQUEST_BYTES = env_int("AICHOR_MAX_REQUEST_BYTES", 2 * 1024**2)
 MAX_WEBHOOK_BYTES = env_int("AICHOR_MAX_WEBHOOK_BYTES", 25 * 1024**2)
 DOCKER_HOST = env_str("DOCKER_HOST")
 
+# --- Notifications (commit statuses, outbound webhooks, e-mail) ---------------------------
+# Attempts per commit status or delivery, and the backoff between them: base * 2**attempt
+# seconds (with jitter), at most the cap; a Retry-After or X-RateLimit-Reset answer wins.
+NOTIFY_MAX_ATTEMPTS = env_int("AICHOR_NOTIFY_MAX_ATTEMPTS", 8)
+NOTIFY_RETRY_BASE_SECONDS = env_float("AICHOR_NOTIFY_RETRY_BASE_SECONDS", 5.0)
+NOTIFY_RETRY_MAX_SECONDS = env_float("AICHOR_NOTIFY_RETRY_MAX_SECONDS", 900.0)
+NOTIFY_HTTP_TIMEOUT_SECONDS = env_float("AICHOR_NOTIFY_HTTP_TIMEOUT_SECONDS", 10.0)
+# E-mail: SMTP when EMAIL_HOST is set, else printed on the console (the embedded default).
+EMAIL_HOST = env_str("EMAIL_HOST")
+EMAIL_BACKEND = env_str(
+    "EMAIL_BACKEND",
+    "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST else "django.core.mail.backends.console.EmailBackend",
+)
+EMAIL_PORT = env_int("EMAIL_PORT", 25)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 30)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "aichor <aichor@localhost>")
+
 # --- Terminal ----------------------------------------------------------------------------
 # Open shells per user across all experiments (counted from the session events, so every
 # server process sees the same count), the idle cut-off, and a hard cap on any one session.
 TERMINAL_MAX_SESSIONS_PER_USER = env_int("AICHOR_TERMINAL_MAX_SESSIONS_PER_USER", 4)
+# TensorBoard processes a web process runs at once (the TensorBoard tab); the longest idle stops first.
+AICHOR_TENSORBOARD_MAX = env_int("AICHOR_TENSORBOARD_MAX", 4)
 TERMINAL_IDLE_SECONDS = env_float("AICHOR_TERMINAL_IDLE_SECONDS", 900.0)
 TERMINAL_MAX_SECONDS = env_float("AICHOR_TERMINAL_MAX_SECONDS", 4 * 3600.0)
 # How often an open terminal checks that its experiment is still Running (or held).

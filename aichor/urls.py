@@ -9,4 +9,6 @@ urlpatterns = [
     path("", include("experiments.urls")),
     path("", include("projects.urls")),
     path("", include("datasets.urls")),
+    path("", include("notifications.urls")),
+    path("", include("metrics.urls")),
 ]

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from asgiref.sync import sync_to_async
 from django.db.models import Q
-from django.http import HttpRequest, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from ninja import Field, Query, Router, Schema
 from ninja.errors import HttpError
 from ninja.responses import Status as Reply
@@ -19,10 +19,9 @@ from aichor.lib.git import GitInputError, check_branch
 from experiments import queue, services
 from experiments.access import get_experiment
 from experiments.logs import read_log, streams
-from experiments.logview import follow_ended
+from experiments.logview import MAX_LINES, follow_ended, tail
 from experiments.models import Experiment, Status
 from projects.access import get_project
-from projects.models import Project
 
 router = Router(tags=["experiments"])
 
@@ -143,18 +142,20 @@ class LogParams(Schema):
         None, max_length=100, description='"process:<name>" or "step:<Step>"; every process when empty'
     )
     follow: bool = Field(False, description="keep streaming until the experiment ends")
+    tail: int | None = Field(
+        None, ge=1, le=MAX_LINES, description="only the last lines of each stream (not with follow)"
+    )
+
+    @field_validator("stream")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        # A stream name is looked up in the database, which refuses NUL in text.
+        if value is not None and any(ord(c) < 32 for c in value):
+            raise ValueError("a stream name has no control characters")
+        return value
 
 
 # --- helpers -----------------------------------------------------------------------------
-def target_engine(project: Project, name: str | None):
-    if not name:
-        return None
-    engine = project.engines.filter(name=name).first()
-    if engine is None:
-        raise services.ExperimentError(f"engine {name} is not enabled for project {project.slug}")
-    return engine
-
-
 def _encode_cursor(experiment: Experiment) -> str:
     return base64.urlsafe_b64encode(f"{experiment.created_at.isoformat()}|{experiment.pk}".encode()).decode()
 
@@ -211,7 +212,7 @@ def submit_commit(request: HttpRequest, slug: str, payload: CommitIn):
     project, _ = get_project(request.auth, slug)
     experiment = services.create_experiment(
         project=project,
-        engine=target_engine(project, payload.engine),
+        engine=services.chosen_engine(project, payload.engine),
         source=Experiment.Source.GIT,
         commit_sha=payload.sha.lower(),
         branch=payload.branch,
@@ -285,10 +286,17 @@ def log_streams(request: HttpRequest, experiment_id: str):
     "/experiments/{experiment_id}/logs",
     response={200: None},
     summary="Logs as text; with follow=true the response streams until the experiment ends",
-    openapi_extra={"responses": {"200": {"description": "log text", "content": {"text/plain": {}}}}},
+    # An int key, as ninja's own: a "200" string beside it would be served as a second "200".
+    openapi_extra={"responses": {200: {"description": "log text", "content": {"text/plain": {}}}}},
 )
 def experiment_logs(request: HttpRequest, experiment_id: str, params: Query[LogParams]):
     experiment, _ = get_experiment(request.auth, experiment_id)
+    if params.tail and params.follow:
+        raise HttpError(400, "tail and follow cannot be combined")
+    if params.tail:
+        return HttpResponse(
+            _tail_text(experiment.pk, params.stream, params.tail), content_type="text/plain; charset=utf-8"
+        )
     response = StreamingHttpResponse(
         _log_text(experiment.pk, params.stream, params.follow), content_type="text/plain; charset=utf-8"
     )
@@ -304,6 +312,22 @@ def _wanted_streams(experiment_id, stream: str | None) -> list[str]:
     return [s for s in streams(experiment_id) if s.startswith("process:")]
 
 
+def _labelled(name: str, text: str, several: bool) -> str:
+    if not several:
+        return text
+    label = name.split(":", 1)[1]
+    return "".join(f"[{label}] {line}" for line in text.splitlines(keepends=True))
+
+
+def _tail_text(experiment_id, stream: str | None, count: int) -> str:
+    wanted = _wanted_streams(experiment_id, stream)
+    texts = []
+    for name in wanted:
+        lines = tail(experiment_id, name, count)[1]
+        texts.append(_labelled(name, "".join(f"{line}\n" for line in lines), len(wanted) > 1))
+    return "".join(texts)
+
+
 def _read_new(experiment_id, stream: str | None, seen: dict[str, int]) -> list[str]:
     """Text stored since the last call, per stream; lines prefixed with the process name
     when several processes write."""
@@ -312,11 +336,7 @@ def _read_new(experiment_id, stream: str | None, seen: dict[str, int]) -> list[s
     for name in wanted:
         for chunk in read_log(experiment_id, name, after_seq=seen.get(name, -1), limit=200):
             seen[name] = chunk.seq
-            text = chunk.text
-            if len(wanted) > 1:
-                label = name.split(":", 1)[1]
-                text = "".join(f"[{label}] {line}" for line in text.splitlines(keepends=True))
-            texts.append(text)
+            texts.append(_labelled(name, chunk.text, len(wanted) > 1))
     return texts
 
 
@@ -331,3 +351,9 @@ async def _log_text(experiment_id, stream: str | None, follow: bool):
         if ended:
             return
         await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+
+# Imported last: metrics reads experiments' models and access helpers.
+from metrics.api import router as metrics_router  # noqa: E402
+
+router.add_router("/", metrics_router)

@@ -11,6 +11,7 @@ from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from experiments import signals
 from experiments.logs import append_log
 from experiments.manifest import Manifest
 from experiments.models import (
@@ -37,6 +38,16 @@ log = logging.getLogger(__name__)
 
 class ExperimentError(Exception):
     """A request the experiment's state or the project's setup does not allow."""
+
+
+def chosen_engine(project, name: str | None):
+    """The project's engine called `name` (None: the caller's default), or ExperimentError."""
+    if not name:
+        return None
+    engine = project.engines.filter(name=name).first()
+    if engine is None:
+        raise ExperimentError(f"engine {name} is not enabled for project {project.slug}")
+    return engine
 
 
 def create_experiment(
@@ -96,6 +107,7 @@ def create_experiment(
             experiment=experiment, kind=Event.Kind.STATUS, new=Status.CREATED, reason=reason, actor=author
         )
         enqueue("clone", experiment.pk)
+        signals.announce(experiment.pk, signals.CREATED)
     return experiment
 
 
@@ -162,7 +174,8 @@ def _step_event(experiment_id: UUID, step: str, old: str, new: str, reason: str 
 
 def _set_step(experiment_id: UUID, step: str, new: str, *, reason: str = "", actor=None) -> bool:
     now = timezone.now()
-    for old in allowed_from(STEP_TRANSITIONS, new):
+    # A step usually ends from Running: asked first, that costs one update, not two.
+    for old in sorted(allowed_from(STEP_TRANSITIONS, new), key=lambda old: old != StepStatus.RUNNING):
         fields = {"status": new}
         if new == StepStatus.RUNNING:
             fields["started_at"] = now
@@ -188,13 +201,69 @@ def begin_step(
     if previous == StepName.WAITING:
         return _leave_waiting(experiment_id)
     with transaction.atomic():
-        if not _move_from_created(experiment_id, previous, step, now) and not Experiment.objects.filter(
-            pk=experiment_id, status=Status.PROCESSING, current_step=previous
-        ).update(current_step=step, heartbeat_at=now):
+        # Past Waiting an experiment is Processing: that update first, one query instead of two.
+        if not Experiment.objects.filter(pk=experiment_id, status=Status.PROCESSING, current_step=previous).update(
+            current_step=step, heartbeat_at=now
+        ) and not _move_from_created(experiment_id, previous, step, now):
             return False
         _set_step(experiment_id, previous, previous_outcome, reason=reason)
         _set_step(experiment_id, step, StepStatus.RUNNING)
+        if step == StepName.RUNNING:
+            signals.announce(experiment_id, signals.RUNNING)
     return True
+
+
+def begin_completions(outcomes: dict[UUID, tuple[str, str]]) -> list[UUID]:
+    """begin_step(id, Completed, previous_outcome=…, reason=…) for many Running experiments at
+    once, {id: (outcome of Running, reason)}: the exits an engine's watcher saw in one interval
+    cost the same handful of queries whether one exited or fifty, each step change still with
+    its event row. The ids moved into Completed, which the caller goes on finishing."""
+    if not outcomes:
+        return []
+    now = timezone.now()
+    with transaction.atomic():
+        # Locked, so the steps below are as these rows say until commit (finish_experiment and
+        # begin_step take the same row locks).
+        moved = list(
+            Experiment.objects.select_for_update()
+            .filter(pk__in=outcomes, status=Status.PROCESSING, current_step=StepName.RUNNING)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
+        if not moved:
+            return []
+        Experiment.objects.filter(pk__in=moved).update(current_step=StepName.COMPLETED, heartbeat_at=now)
+        for outcome in {outcomes[pk][0] for pk in moved}:
+            Step.objects.filter(
+                experiment_id__in=[pk for pk in moved if outcomes[pk][0] == outcome],
+                name=StepName.RUNNING,
+                status=StepStatus.RUNNING,
+            ).update(status=outcome, ended_at=now)
+        Step.objects.filter(experiment_id__in=moved, name=StepName.COMPLETED, status=StepStatus.INITIALIZE).update(
+            status=StepStatus.RUNNING, started_at=now
+        )
+        Event.objects.bulk_create(
+            event
+            for pk in moved
+            for event in (
+                Event(
+                    experiment_id=pk,
+                    kind=Event.Kind.STEP,
+                    step=StepName.RUNNING,
+                    old=StepStatus.RUNNING,
+                    new=outcomes[pk][0],
+                    reason=outcomes[pk][1],
+                ),
+                Event(
+                    experiment_id=pk,
+                    kind=Event.Kind.STEP,
+                    step=StepName.COMPLETED,
+                    old=StepStatus.INITIALIZE,
+                    new=StepStatus.RUNNING,
+                ),
+            )
+        )
+    return moved
 
 
 def _move_from_created(experiment_id: UUID, previous: str, step: str, now: datetime) -> bool:
@@ -315,6 +384,12 @@ def _leave_waiting(experiment_id: UUID) -> bool:
 
 def start_waiting_experiments(project_id, engine_id) -> list[UUID]:
     """Give freed slots to the oldest waiting experiments of (project, engine); the ids started."""
+    # Most ends free a slot nobody waits for: one look, not the project lock and a count. One
+    # created after the look takes its slot through its own first task, which counts after.
+    if not Experiment.objects.filter(
+        project_id=project_id, engine_id=engine_id, status=Status.CREATED, current_step=StepName.WAITING
+    ).exists():
+        return []
     engine = Engine.objects.filter(pk=engine_id).first()
     if engine is None:
         return []
@@ -404,8 +479,10 @@ def finish_experiment(
     exit_code: int | None = None,
     actor=None,
     step_status: str | None = None,
+    watch_state: dict | None = None,
 ) -> bool:
-    """End an experiment: Succeeded, Failed or Cancelled, with its current step to match."""
+    """End an experiment: Succeeded, Failed or Cancelled, with its current step to match (and
+    the watch's last bookkeeping, saved with it)."""
     step_status = (
         step_status
         or {
@@ -429,6 +506,8 @@ def finish_experiment(
         fields = {"status": new, "finished_at": now, "heartbeat_at": now, "waiting_reason": ""}
         if exit_code is not None:
             fields["exit_code"] = exit_code
+        if watch_state is not None:
+            fields["watch_state"] = watch_state
         if new != Status.SUCCEEDED and reason:
             fields["failure_reason"] = reason
         if not Experiment.objects.filter(pk=experiment_id, status=row["status"]).update(**fields):
@@ -452,6 +531,7 @@ def finish_experiment(
         # with a clone task that holds the project and moves experiments). robust: reconcile
         # retries a dispatch that failed, and the finish itself stands.
         transaction.on_commit(lambda: start_waiting_experiments(row["project_id"], row["engine_id"]), robust=True)
+        signals.announce(experiment_id, signals.OF_TERMINAL_STATUS[new])
     return True
 
 
@@ -473,13 +553,14 @@ def cancel_experiment(experiment: Experiment, *, actor=None) -> None:
     experiment.refresh_from_db()
 
 
-def resubmit_experiment(experiment: Experiment, *, actor=None) -> Experiment:
+def resubmit_experiment(experiment: Experiment, *, actor=None, engine: Engine | None = None) -> Experiment:
+    """Run the same code again, on `engine` (one of the project's) or else the original's."""
     if not experiment.is_terminal:
         raise ExperimentError(f"experiment {experiment.short_id} is still {experiment.status}")
     with transaction.atomic():
         new = create_experiment(
             project=experiment.project,
-            engine=experiment.engine,
+            engine=engine or experiment.engine,
             source=experiment.source,
             clone_url=experiment.clone_url,
             commit_sha=experiment.commit_sha,

@@ -31,7 +31,7 @@ from django.http.request import split_domain_port, validate_host
 from ninja.responses import NinjaJSONEncoder
 
 from experiments import queue, services
-from experiments.api import ArchiveParams, ExperimentOut, target_engine
+from experiments.api import ArchiveParams, ExperimentOut
 from experiments.models import Experiment
 from projects.access import get_project
 from projects.tokens import authenticate_token, bearer_of
@@ -152,7 +152,7 @@ def _target(user, slug: str, engine_name: str | None):
     except Http404:
         raise Refusal(404, "Not Found") from None
     try:
-        return project, target_engine(project, engine_name)
+        return project, services.chosen_engine(project, engine_name)
     except services.ExperimentError as exc:
         raise Refusal(409, str(exc)) from None
 

@@ -8,48 +8,52 @@ from dataclasses import replace
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db.models import Q
+from django.db.models import OuterRef, Q, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
-from experiments import logview, services
+from experiments import logview, repo, services
 from experiments.access import get_experiment
 from experiments.engines import get_engine, process_names
 from experiments.engines.base import EngineError
-from experiments.forms import ExperimentFilterForm, LogRangeForm, LogSearchForm
-from experiments.models import ACTIVE_STATUSES, STEP_ORDER, Experiment
+from experiments.forms import ExperimentFilterForm, LogRangeForm, LogSearchForm, NewExperimentForm
+from experiments.models import ACTIVE_STATUSES, STEP_ORDER, Experiment, Step
 from experiments.workload import Variable, environment, mount_point
 from projects.access import get_project
+from projects.models import Engine
 from projects.views import remember
 
 PAGE_SIZE = 50
 
 
-@login_required
-@require_GET
-def experiment_list(request: HttpRequest, slug: str) -> HttpResponse:
-    project, _ = get_project(request.user, slug)
-    engines = list(project.engines.all())
-    name = request.GET.get("engine")
-    engine = next((e for e in engines if e.name == name), None)
-    if engine is None and not request.htmx:
-        # Put the engine in the URL so the page can be shared; the last one used comes first.
-        remembered = request.session.get(f"engine:{slug}")
-        fallback = next((e for e in engines if e.name == remembered), None) or project.default_engine
-        fallback = fallback if fallback in engines else (engines[0] if engines else None)
-        if fallback is not None:
-            query = request.GET.copy()
-            query["engine"] = fallback.name
-            return redirect(f"{request.path}?{query.urlencode()}")
-    remember(request, project, engine)
+ALL_ENGINES = ""  # the engine filter's value for "All engines", in the URL and the session
 
-    form = ExperimentFilterForm(request.GET)
-    filters = form.cleaned_data if form.is_valid() else {}
-    experiments = Experiment.objects.filter(project=project, engine=engine).defer("manifest_text", "handle")
+
+def _engine_filter(request: HttpRequest, slug: str, engines: list[Engine]) -> tuple[Engine | None, str | None]:
+    """The engine the list shows (None: every engine), and a URL to redirect to when the choice
+    comes from the session rather than the URL (the URL then shows it and can be shared)."""
+    key = f"engine:{slug}"
+    if "engine" in request.GET:
+        name = request.GET["engine"]
+        engine = next((e for e in engines if e.name == name), None)
+        wanted = engine.name if engine else ALL_ENGINES
+        # Written only when it changes, so a poll does not cost a session UPDATE.
+        if not request.htmx and request.session.get(key) != wanted:
+            request.session[key] = wanted
+        return engine, None
+    remembered = next((e for e in engines if e.name == request.session.get(key)), None)
+    if remembered is None or request.htmx:
+        return None, None
+    query = request.GET.copy()
+    query["engine"] = remembered.name
+    return remembered, f"{request.path}?{query.urlencode()}"
+
+
+def _filtered(experiments, filters: dict):
     if filters.get("status"):
         experiments = experiments.filter(status=filters["status"])
     if filters.get("author"):
@@ -59,6 +63,27 @@ def experiment_list(request: HttpRequest, slug: str) -> HttpResponse:
     if filters.get("q"):
         q = filters["q"]
         experiments = experiments.filter(Q(message__icontains=q) | Q(commit_sha__startswith=q.lower()))
+    return experiments
+
+
+@login_required
+@require_GET
+def experiment_list(request: HttpRequest, slug: str) -> HttpResponse:
+    project, _ = get_project(request.user, slug)
+    engines = list(project.engines.all())
+    engine, redirect_to = _engine_filter(request, slug, engines)
+    if redirect_to:
+        return redirect(redirect_to)
+    remember(request, project)
+
+    form = ExperimentFilterForm(request.GET)
+    filters = form.cleaned_data if form.is_valid() else {}
+    in_project = Experiment.objects.filter(project=project)
+    shown = in_project.filter(engine=engine) if engine else in_project
+    experiments = _filtered(shown, filters)
+    # The colour of the step chip is the current step's own status: one subquery, no query per row.
+    current = Step.objects.filter(experiment=OuterRef("pk"), name=OuterRef("current_step")).values("status")[:1]
+    experiments = experiments.defer("manifest_text", "handle").annotate(step_status=Subquery(current))
     if filters.get("before"):
         created, pk = filters["before"]
         # `created_at <= x` is an index range condition (exp_list_idx); the tie on equal
@@ -72,21 +97,24 @@ def experiment_list(request: HttpRequest, slug: str) -> HttpResponse:
         query = request.GET.copy()
         query["before"] = f"{rows[-1].created_at.isoformat()}_{rows[-1].pk}"
         next_url = f"{request.path}?{query.urlencode()}"
+    engine_of = {e.pk: e for e in engines}
     for row in rows:
         row.project = project  # commit links need it: one project, not one query per row
+        row.engine_name = engine_of[row.engine_id].name if row.engine_id in engine_of else "(removed)"
         row.resources = row.typed_manifest.totals() if row.manifest else None
-    any_active = (
-        engine is not None
-        and Experiment.objects.filter(project=project, engine=engine, status__in=ACTIVE_STATUSES).exists()
-    )
+    any_active = shown.filter(status__in=ACTIVE_STATUSES).exists()
     newest_query = request.GET.copy()
     newest_query.pop("before", None)
+    all_query = newest_query.copy()
+    all_query["engine"] = ALL_ENGINES
     context = {
         "project": project,
         "engine": engine,
         "engines": engines,
         "form": form,
         "experiments": rows,
+        "elsewhere": _filtered(in_project.exclude(engine=engine), filters).count() if engine else 0,
+        "all_engines_url": f"{request.path}?{all_query.urlencode()}",
         "next_url": next_url,
         "newest_url": f"{request.path}?{newest_query.urlencode()}",
         "is_first_page": not filters.get("before"),
@@ -102,6 +130,79 @@ def experiment_list(request: HttpRequest, slug: str) -> HttpResponse:
     return render(request, "experiments/list.html", context)
 
 
+@login_required
+@require_http_methods(["GET", "POST"])
+def experiment_new(request: HttpRequest, slug: str) -> HttpResponse:
+    """Run a pushed commit: a branch's latest or one of its commits, with one of its manifests."""
+    project, _ = get_project(request.user, slug)
+    engines = list(project.engines.all())
+    repo_error = ""
+    try:
+        branches = repo.branches(project.repo_clone_url)
+    except repo.RepoError as exc:
+        branches, repo_error = repo.Branches(default="", names=[]), str(exc)
+    data = request.POST if request.method == "POST" else None
+    branch = (data or request.GET).get("branch") or branches.default
+    default_engine = next((e for e in engines if e.pk == project.default_engine_id), None)
+    initial = {"branch": branch, "engine": default_engine.name if default_engine else ""}
+    form = NewExperimentForm(data, initial=initial, branches=branches.names, engines=engines)
+    if data is not None and form.is_valid():
+        fields = form.cleaned_data
+        try:
+            # The slow part (a fetch) runs before any transaction: create_experiment opens its own.
+            commit = repo.read_commit(
+                project.repo_clone_url, fields["branch"], fields["commit"], manifest_path=fields["manifest_path"]
+            )
+            experiment = services.create_experiment(
+                project=project,
+                engine=services.chosen_engine(project, fields["engine"]),
+                source=Experiment.Source.GIT,
+                commit_sha=commit.sha,
+                branch=fields["branch"],
+                message=fields["message"],
+                author=request.user,
+                manifest_path=fields["manifest_path"],
+            )
+        except repo.RepoError as exc:
+            text = str(exc)
+            form.add_error("manifest_path" if text.startswith("manifest") else "commit", text)
+        except services.ExperimentError as exc:
+            form.add_error("engine", str(exc))
+        else:
+            return redirect("experiment-detail", experiment_id=experiment.pk)
+    if branch in branches.names:
+        try:
+            form.offer_manifests(repo.read_commit(project.repo_clone_url, branch).manifests)
+        except repo.RepoError as exc:
+            repo_error = str(exc)
+    context = {
+        "project": project,
+        "form": form,
+        "repo_error": repo_error,
+        "section": "experiments",
+    }
+    return render(request, "experiments/new.html", context, status=400 if form.errors else 200)
+
+
+SHORT_ID_MIN = 8
+
+
+@login_required
+@require_GET
+def experiment_by_prefix(request: HttpRequest, prefix: str) -> HttpResponse:
+    """/experiments/d9977b02/ (the short id the list and the CLI print) to the experiment's
+    page, when the prefix names exactly one experiment the user may see."""
+    prefix = prefix.lower()
+    if len(prefix) < SHORT_ID_MIN or prefix.strip("0123456789abcdef-"):
+        raise Http404(f"An experiment id has at least {SHORT_ID_MIN} hexadecimal characters")
+    found = list(
+        Experiment.objects.for_user(request.user).filter(id__startswith=prefix).values_list("pk", flat=True)[:2]
+    )
+    if len(found) != 1:
+        raise Http404("No experiment has this id" if not found else f"More than one experiment id starts with {prefix}")
+    return redirect("experiment-detail", experiment_id=found[0])
+
+
 def _live_context(request: HttpRequest, experiment: Experiment) -> dict:
     steps = sorted(experiment.steps.all(), key=lambda s: STEP_ORDER.index(s.name))
     failed_step = next((s for s in steps if s.status == "Failed"), None)
@@ -112,6 +213,8 @@ def _live_context(request: HttpRequest, experiment: Experiment) -> dict:
         "failed_step": failed_step,
         "can_cancel": experiment.status in ACTIVE_STATUSES,
         "can_resubmit": experiment.is_terminal,
+        # Resubmit offers the project's engines, the original's first chosen.
+        "resubmit_engines": list(experiment.project.engines.all()) if experiment.is_terminal else [],
         "poll": not experiment.is_terminal,
         **_terminal_context(request, experiment),
     }
@@ -153,7 +256,8 @@ def experiment_detail(request: HttpRequest, experiment_id) -> HttpResponse:
     experiment, role = get_experiment(request.user, experiment_id)
     if request.htmx:
         return _render_live(request, experiment)
-    remember(request, experiment.project, experiment.engine)
+    # The list's engine filter is the user's choice: opening an experiment never changes it.
+    remember(request, experiment.project)
     processes = process_names(experiment.engine, experiment.handle)
     stored = logview.stream_names(experiment.pk)
     process_streams = sorted({*stored, *(f"process:{p}" for p in processes)} - {f"step:{s}" for s in STEP_ORDER})
@@ -164,7 +268,6 @@ def experiment_detail(request: HttpRequest, experiment_id) -> HttpResponse:
         initial = f"step:{experiment.current_step}"
     context = {
         **_live_context(request, experiment),
-        "engine": experiment.engine,
         "role": role,
         "variables": injected_variables(experiment),
         "streams": streams,
@@ -196,7 +299,9 @@ def experiment_cancel(request: HttpRequest, experiment_id) -> HttpResponse:
 def experiment_resubmit(request: HttpRequest, experiment_id) -> HttpResponse:
     experiment, _ = get_experiment(request.user, experiment_id)
     try:
-        new = services.resubmit_experiment(experiment, actor=request.user)
+        new = services.resubmit_experiment(
+            experiment, actor=request.user, engine=services.chosen_engine(experiment.project, request.POST.get("engine"))
+        )
     except services.ExperimentError as exc:
         messages.error(request, str(exc))
         if request.htmx:

@@ -162,6 +162,8 @@ class ApiTokenQuerySet(models.QuerySet):
 
 class ApiToken(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    # A user holds several (a laptop and CI each their own); the name tells them apart.
+    name = models.CharField(max_length=64, default="default")
     # Only a SHA-256 digest is kept: tokens are long random strings, so a fast hash is safe.
     digest = models.CharField(max_length=64, unique=True)
     prefix = models.CharField(max_length=12)
@@ -175,6 +177,10 @@ class ApiToken(models.Model):
     @staticmethod
     def digest_of(token: str) -> str:
         return hashlib.sha256(token.encode()).hexdigest()
+
+    @property
+    def is_expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= timezone.now()
 
 
 class PersistentVolumeClaim(models.Model):

@@ -52,3 +52,33 @@ document.addEventListener("click", async (event) => {
   button.textContent = "Copied";
   setTimeout(() => { button.textContent = label; }, 1500);
 });
+
+// Runs ticked for Compare survive the table's live refresh (htmx swaps the rows every few
+// seconds while runs are active): the ticks live in the page, the rows are re-ticked after each.
+const comparePicks = new Set();
+
+function showComparePicks() {
+  const form = document.getElementById("compare-form");
+  if (!form) return;
+  document.querySelectorAll("input.compare-pick").forEach((box) => { box.checked = comparePicks.has(box.value); });
+  // Ticked runs the current page no longer shows still count: hidden inputs carry them.
+  form.querySelectorAll("input[type=hidden][name=e]").forEach((input) => input.remove());
+  const shown = new Set([...document.querySelectorAll("input.compare-pick")].map((box) => box.value));
+  comparePicks.forEach((id) => {
+    if (shown.has(id)) return;
+    const input = Object.assign(document.createElement("input"), { type: "hidden", name: "e", value: id });
+    form.appendChild(input);
+  });
+  const n = comparePicks.size;
+  form.querySelector("button").disabled = n < 2 || n > 10;
+  form.querySelector("[data-compare-count]").textContent =
+    n === 0 ? "Tick 2 to 10 runs to compare them." : `${n} run${n === 1 ? "" : "s"} ticked` + (n > 10 ? " (at most 10)" : "");
+}
+
+document.addEventListener("change", (event) => {
+  const box = event.target.closest && event.target.closest("input.compare-pick");
+  if (!box) return;
+  if (box.checked) comparePicks.add(box.value); else comparePicks.delete(box.value);
+  showComparePicks();
+});
+document.addEventListener("htmx:afterSwap", showComparePicks);

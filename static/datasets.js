@@ -204,6 +204,16 @@
     const input = form.querySelector("input[type=file]");
     const browser = document.getElementById("browser");
     const files = Array.from(input.files);
+    const message = document.getElementById("ds-upload-message");
+    if (message) message.hidden = true;
+    if (!files.length) {
+      if (message) {
+        message.textContent = "No file chosen: choose one or more files, then Upload.";
+        message.hidden = false;
+      }
+      input.focus();
+      return;
+    }
     input.value = "";
     // Files go one after the other (their parts in parallel), into the folder shown now.
     const uploads = files.map((f) => new Upload(f, browser.dataset.bucket, browser.dataset.prefix));

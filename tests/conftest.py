@@ -43,6 +43,15 @@ def pytest_configure(config):
         settings.DATABASES["default"].setdefault("TEST", {})["NAME"] = str(data / "test.sqlite3")
 
 
+@pytest.fixture(autouse=True)
+def _notifications_unconfigured_until_asked():
+    """Whether any notification is configured is kept a few seconds per process: a test must
+    not see what an earlier test's (flushed) settings answered."""
+    from notifications.services import _settings_changed
+
+    _settings_changed()
+
+
 def _isolate_xdist_worker(data: Path) -> None:
     """What parallel workers (`pytest -n N`) would otherwise share besides the database, which
     pytest-django already suffixes per worker."""
@@ -63,7 +72,10 @@ def _isolate_xdist_worker(data: Path) -> None:
 def pytest_collection_modifyitems(config, items):
     # Browser tests last: Playwright's sync API keeps an asyncio loop running in the main thread
     # for the rest of the session, and async tests (channels' communicators) cannot run after it.
-    items.sort(key=lambda item: item.nodeid.startswith("tests/browser/"))
+    # Browser tests outside tests/browser/ (an app's own page) carry the `browser` marker.
+    items.sort(
+        key=lambda item: item.nodeid.startswith("tests/browser/") or item.get_closest_marker("browser") is not None
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -27,10 +27,24 @@ class CliError(click.ClickException):
     """Printed as one line (`Error: ...`), exit code 1."""
 
 
+def server_url(value: str) -> str:
+    """The server's address as given, refused up front when requests could only fail on it
+    later with a message about its own internals ("No connection adapters were found")."""
+    url = value.strip().rstrip("/")
+    if "://" not in url:
+        raise CliError(f"the server address {url} has no scheme: give it as --url https://{url} (or http://)")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise CliError(f"the server address {url} must start with https:// or http://")
+    if not parts.hostname:
+        raise CliError(f"the server address {url} names no host: give it as --url https://HOST")
+    return url
+
+
 class Client:
     def __init__(self, url: str | None = None, token: str | None = None) -> None:
         settings = config.load()
-        self.url = (url or settings.get("url") or config.DEFAULT_URL).rstrip("/")
+        self.url = server_url(url or settings.get("url") or config.DEFAULT_URL)
         self.token = token or settings.get("token")
         self.session = requests.Session()
 

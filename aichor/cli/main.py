@@ -3,19 +3,29 @@ commit, follow, cancel and resubmit experiments, and forward a port into a runni
 
 import asyncio
 import json
+import shlex
 import sys
 import uuid
 from pathlib import Path
 
 import click
+import requests
 from tqdm import tqdm
 
 from aichor.cli import config
-from aichor.cli.client import Client, CliError
+from aichor.cli.client import Client, CliError, server_url
 from aichor.cli.pack import TreeChanged, iter_files, plan_tar, send_tar
 from aichor.cli.scaffold import DEFAULT_BASE_IMAGE, init_repo
+from aichor.cli.scaffold import OPERATORS as SCAFFOLD_OPERATORS
+from experiments.manifest import ManifestError, parse_manifest
 
 DEFAULT_MANIFEST = "aichor_manifests/manifest.yaml"
+MANIFESTS_DIR = "aichor_manifests"
+# Where `submit local` looks without -f, in order (AIchor's CLI does the same).
+MANIFEST_LOOKUP = ("manifest.yaml", DEFAULT_MANIFEST)
+# The steps before the workload runs: a failure there leaves no process output to follow.
+EARLY_STEPS = ("Waiting", "Cloning", "Building", "Submitting")
+TAIL_LINES = 30
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
@@ -87,7 +97,7 @@ def auth() -> None:
 def auth_key(apikey: str, url: str | None, as_json: bool) -> None:
     """Check a token against the server and store it."""
     cfg = config.load()
-    url = (url or cfg.get("url") or config.DEFAULT_URL).rstrip("/")
+    url = server_url(url or cfg.get("url") or config.DEFAULT_URL)
     me = Client(url, apikey.strip()).get("/me")
     cfg.update(url=url, token=apikey.strip())
     path = config.save(cfg)
@@ -166,16 +176,22 @@ def submit() -> None:
 @submit.command("local")
 @click.option("--repo-dir", default=".", type=click.Path(file_okay=False, path_type=Path), help="Default: here.")
 @click.option("--message", "-m", default="", help="What this run tries.")
-@click.option("--manifest-path", default=DEFAULT_MANIFEST, show_default=True, help="Relative to the repo dir.")
+@click.option(
+    "-f",
+    "--manifest",
+    "--manifest-path",
+    "manifest_path",
+    help=f"Relative to the repo dir or to aichor_manifests/ (default: {' or '.join(MANIFEST_LOOKUP)}).",
+)
 @json_option
-def submit_local(repo_dir: Path, message: str, manifest_path: str, as_json: bool) -> None:
+def submit_local(repo_dir: Path, message: str, manifest_path: str | None, as_json: bool) -> None:
     """Pack the working tree (honouring .gitignore, without .git), upload it and run it."""
     cfg = config.load()
     slug = current_project(cfg)
     if not repo_dir.is_dir():
         raise CliError(f"{repo_dir} is not a directory")
-    if not (repo_dir / manifest_path).is_file():
-        raise CliError(f"manifest {manifest_path} not found in {repo_dir.resolve()}")
+    manifest_path = find_manifest(repo_dir, manifest_path)
+    check_manifest(repo_dir / manifest_path, manifest_path)
     client = Client()
     files = list(iter_files(repo_dir))
     if manifest_path not in files:
@@ -217,6 +233,36 @@ def submit_local(repo_dir: Path, message: str, manifest_path: str, as_json: bool
     emit(experiment, as_json, f"Submitted {experiment['id']} ({len(files)} files)")
 
 
+def find_manifest(repo_dir: Path, given: str | None) -> str:
+    """The manifest's path in the repo dir, looked up as AIchor's CLI does: the one given (as
+    is, else under aichor_manifests/), else manifest.yaml, else aichor_manifests/manifest.yaml."""
+    if given:
+        given = Path(given).as_posix().removeprefix("./")
+        candidates = [given] if given.startswith(f"{MANIFESTS_DIR}/") else [given, f"{MANIFESTS_DIR}/{given}"]
+    else:
+        candidates = list(MANIFEST_LOOKUP)
+    for candidate in candidates:
+        if (repo_dir / candidate).is_file():
+            return candidate
+    looked = ", ".join(candidates)
+    hint = "give its path with -f PATH, or" if not given else "check -f, or"
+    raise CliError(f"no manifest in {repo_dir.resolve()} (looked for {looked}): {hint} run aichor local-repo init")
+
+
+def check_manifest(path: Path, shown: str) -> None:
+    """The server's own validation, before anything is packed or sent: every problem on its
+    own line, by its path in the manifest (project PVC names are checked by the server only)."""
+    try:
+        parse_manifest(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CliError(f"manifest {shown} is not UTF-8 text: nothing uploaded") from None
+    except ManifestError as exc:
+        for error in exc.errors:
+            click.echo(f"{shown}: {error}", err=True)
+        count = f"{len(exc.errors)} error{'s' if len(exc.errors) > 1 else ''}"
+        raise CliError(f"manifest {shown} is invalid ({count}): nothing uploaded") from None
+
+
 @submit.command("commit-sha")
 @click.argument("sha")
 @click.option("--branch", required=True, help="The branch the commit was pushed to.")
@@ -237,14 +283,16 @@ def submit_commit(sha: str, branch: str, manifest_path: str, message: str, as_js
 @experiments.command("list")
 @click.option("--status", type=click.Choice(["Created", "Processing", "Succeeded", "Failed", "Cancelled"]))
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 200))
+@click.option("--engine", help="Only experiments on engine NAME (default: every engine).")
 @json_option
-def list_experiments(status: str | None, limit: int, as_json: bool) -> None:
-    """The current project's latest experiments."""
+def list_experiments(status: str | None, limit: int, engine: str | None, as_json: bool) -> None:
+    """The current project's latest experiments, on every engine unless --engine names one."""
     slug = current_project(config.load())
-    params = {"limit": limit} | ({"status": status} if status else {})
+    params = {"limit": limit} | ({"status": status} if status else {}) | ({"engine": engine} if engine else {})
     items = Client().get(f"/projects/{slug}/experiments", params=params, not_found=f"no project {slug}")["items"]
     lines = [
-        f"{e['short_id']}  {e['status']:<10} {e['current_step']:<10} {resources_text(e.get('resources'))}  "
+        f"{e['short_id']}  {e['engine']:<12} {e['status']:<10} {e['current_step']:<10} "
+        f"{resources_text(e.get('resources'))}  "
         f"{e['created_at'][:19]}  {e['author']:<20} "
         f"{(e['message'] or '').splitlines()[0][:50] if e['message'] else ''}"
         for e in items
@@ -280,10 +328,11 @@ def step(experiment: str, as_json: bool) -> None:
 
 @experiments.command("logs")
 @click.argument("experiment")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing until the experiment ends.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the experiment ends; exit with its outcome.")
 @click.option("--stream", help='"process:<name>" or "step:<Step>" (default: every process).')
 def logs(experiment: str, follow: bool, stream: str | None) -> None:
-    """Print an experiment's logs."""
+    """Print an experiment's logs. With -f the exit code is the outcome: 0 Succeeded, the
+    workload's exit code (else 1) Failed, 130 Cancelled."""
     client = Client()
     eid = experiment_id(client, experiment)
     params = {"follow": "true" if follow else "false"} | ({"stream": stream} if stream else {})
@@ -292,9 +341,45 @@ def logs(experiment: str, follow: bool, stream: str | None) -> None:
         not_found=f"no experiment {experiment}",
     )  # fmt: skip
     out = sys.stdout.buffer
-    for chunk in response.iter_content(chunk_size=None):
-        out.write(chunk)
-        out.flush()
+    try:
+        for chunk in response.iter_content(chunk_size=None):
+            out.write(chunk)
+            out.flush()
+    except requests.exceptions.RequestException:
+        raise CliError(f"the log stream from {client.url} broke off: run the command again") from None
+    data = client.get(f"/experiments/{eid}", not_found=f"no experiment {experiment}")
+    if not stream:
+        report_early_failure(client, data)
+    if follow:
+        sys.exit(outcome_code(data))
+
+
+def report_early_failure(client: Client, data: dict) -> None:
+    """A run that failed before Running wrote no process output: say which step failed, why,
+    and show the end of that step's log, so the reason is not one more command away."""
+    if data["status"] != "Failed":
+        return
+    steps = client.get(f"/experiments/{data['id']}/steps")
+    failed = next((s["name"] for s in steps if s["status"] == "Failed"), None)
+    if failed not in EARLY_STEPS:
+        return
+    text = client.request(
+        "GET", f"/experiments/{data['id']}/logs", params={"stream": f"step:{failed}", "tail": TAIL_LINES}
+    ).text
+    click.echo(f"{failed} failed: {data['failure_reason'] or 'no reason recorded'}", err=True)
+    if text.strip():
+        click.echo(f"--- the last lines of the {failed} log ---", err=True)
+        click.echo(text.rstrip("\n"), err=True)
+
+
+def outcome_code(data: dict) -> int:
+    if data["status"] == "Succeeded":
+        return 0
+    if data["status"] == "Cancelled":
+        return 130  # as a shell reports a run stopped with Ctrl-C
+    code = data.get("exit_code")
+    # A code a shell cannot carry (0 for a failure, over 255 from a cluster) becomes 1.
+    return code if data["status"] == "Failed" and code and 0 < code < 256 else 1
 
 
 @experiments.command("cancel")
@@ -306,6 +391,21 @@ def cancel(experiment: str, as_json: bool) -> None:
     eid = experiment_id(client, experiment)
     data = client.post(f"/experiments/{eid}/cancel", not_found=f"no experiment {experiment}")
     emit(data, as_json, f"{data['id']} {data['status']}")
+
+
+@experiments.command("metrics")
+@click.argument("experiment")
+@json_option
+def metrics(experiment: str, as_json: bool) -> None:
+    """The scalar series an experiment recorded (AICHOR_METRIC lines, TensorBoard scalars)."""
+    client = Client()
+    eid = experiment_id(client, experiment)
+    data = client.get(f"/experiments/{eid}/metrics", not_found=f"no experiment {experiment}")
+    lines = [
+        f"{s['name']:<32} {s['count']:>8} points  last {s['last_value']:<12g} at step {s['last_step']:<8} best {s['best_value']:g}"
+        for s in data["series"]
+    ]
+    emit(data, as_json, "\n".join(lines) if lines else "no metrics")
 
 
 @experiments.command("resubmit")
@@ -348,28 +448,83 @@ def local_repo() -> None:
 @local_repo.command("init")
 @click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--base-image", default=DEFAULT_BASE_IMAGE, show_default=True, help="The Dockerfile's FROM image.")
-def local_repo_init(directory: Path, base_image: str) -> None:
-    """Write a Dockerfile, aichor_manifests/manifest.yaml and src/ ready to submit."""
+@click.option("--operator", type=click.Choice(SCAFFOLD_OPERATORS), help=f"Default: {SCAFFOLD_OPERATORS[0]}.")
+@click.option("--count", type=click.IntRange(1, 1024), help="Processes (kuberay: worker nodes). Default: 1.")
+@click.option("--cpus", type=click.IntRange(1, 1024), help="CPUs per process. Default: 1.")
+@click.option("--ram-ratio", type=click.FloatRange(0.1, 1024), help="GB of memory per CPU. Default: 2.")
+def local_repo_init(
+    directory: Path, base_image: str, operator: str | None, count: int | None, cpus: int | None, ram_ratio: float | None
+) -> None:
+    """Write a Dockerfile, aichor_manifests/manifest.yaml and src/ ready to submit. On a
+    terminal it asks for the operator and the resources the flags leave out."""
+    # Asked as AIchor's CLI asks; a script or a pipe gets the defaults instead of a hung prompt.
+    ask = sys.stdin.isatty()
+    if operator is None:
+        operator = (
+            click.prompt("Operator", type=click.Choice(SCAFFOLD_OPERATORS), default=SCAFFOLD_OPERATORS[0])
+            if ask
+            else SCAFFOLD_OPERATORS[0]
+        )
+    what = "worker nodes" if operator == "kuberay" else "processes"
+    if count is None:
+        count = click.prompt(f"Number of {what}", type=click.IntRange(1, 1024), default=1) if ask else 1
+    if cpus is None:
+        cpus = click.prompt("CPUs per process", type=click.IntRange(1, 1024), default=1) if ask else 1
+    if ram_ratio is None:
+        ram_ratio = click.prompt("GB of memory per CPU", type=click.FloatRange(0.1, 1024), default=2.0) if ask else 2.0
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        written = init_repo(directory, base_image)
+        written = init_repo(directory, base_image, operator=operator, count=count, cpus=cpus, ram_ratio=ram_ratio)
     except FileExistsError as exc:
         raise CliError(f"{exc}: nothing written") from None
     click.echo("\n".join(f"created {directory / rel}" for rel in written))
-    click.echo(f"next: cd {directory} && aichor experiments submit local")
+    click.echo("\nNext:")
+    for step in next_steps(directory, config.load()):
+        click.echo(f"  {step}")
+
+
+def next_steps(directory: Path, cfg: dict) -> list[str]:
+    """What is left before the scaffold runs, given what this machine has configured already."""
+    steps = []
+    if directory.resolve() != Path.cwd().resolve():
+        steps.append(f"cd {shlex.quote(str(directory))}")
+    steps.append("edit src/main.py (and list its packages in src/requirements.txt)")
+    if not cfg.get("token"):
+        steps.append("aichor auth key --apikey TOKEN --url https://…   (a token from the server's API token page)")
+    if not cfg.get("project"):
+        steps.append("aichor context set project NAME")
+    steps.append("aichor experiments submit local")
+    return steps
+
+
+def one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 def main() -> None:
+    # Not click's standalone mode: it prints a usage error as usage, hint and error on several
+    # lines; every error here is one line.
     try:
-        cli(prog_name="aichor")
-    except KeyboardInterrupt:
+        code = cli.main(prog_name="aichor", standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as click shows it
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "aichor"
+        click.echo(f"Error: {one_line(exc.format_message())} (see `{where} --help`)", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"Error: {one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code)
     except (config.ConfigError, OSError) as exc:
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {one_line(exc)}", err=True)
         sys.exit(1)
     except Exception as exc:  # the last guard: one line, never a traceback
-        click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+        click.echo(f"Error: {type(exc).__name__}: {one_line(exc)}", err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ DEFAULT_BASE_IMAGE = "python:3.12-slim"
 DOCKERFILE = """\
 FROM {base_image}
 WORKDIR /app
-# Install dependencies first so code edits do not invalidate this layer.
-COPY src/ /app/src/
+# Dependencies first, in layers of their own: a code edit reuses them instead of reinstalling.
+COPY src/requirements.txt /app/src/requirements.txt
 RUN if [ -s /app/src/requirements.txt ] && command -v pip >/dev/null; then pip install --no-cache-dir -r /app/src/requirements.txt; fi
+COPY . /app/
 """
 
 MANIFEST = """\
@@ -22,16 +23,28 @@ builder:
   context: .
 
 spec:
-  operator: batch
+  operator: {operator}
   image: {name}
   command: "sh src/run.sh"
   types:
-    worker:
-      count: 1
-      resources:
-        cpus: 1
-        ramRatio: 2
-"""
+{types}"""
+
+# The operators AIchor offers today (its legacy `tf` still runs, but is not for new code), first
+# the default: AIchor's own minimal manifest is a jobset.
+OPERATORS = ("jobset", "jax", "pytorch", "xgboost", "kuberay")
+RESOURCES = "{indent}resources:\n{indent}  cpus: {cpus}\n{indent}  ramRatio: {ram_ratio}\n"
+
+
+def manifest_types(operator: str, count: int, cpus: int, ram_ratio: float) -> str:
+    """The `types` block for `operator`: `count` processes (KubeRay: worker nodes beside the
+    head) of `cpus` CPUs and `ram_ratio` GB per CPU each."""
+    ram = int(ram_ratio) if float(ram_ratio).is_integer() else ram_ratio
+    if operator == "kuberay":
+        head = "    Head:\n" + RESOURCES.format(indent="      ", cpus=cpus, ram_ratio=ram)
+        pool = RESOURCES.format(indent="        ", cpus=cpus, ram_ratio=ram)
+        return f"{head}    Workers:\n      - name: workers\n        count: {count}\n{pool}"
+    return f"    worker:\n      count: {count}\n" + RESOURCES.format(indent="      ", cpus=cpus, ram_ratio=ram)
+
 
 RUN_SH = """\
 #!/bin/sh
@@ -54,12 +67,21 @@ print(f"write results under {os.environ.get('AICHOR_OUTPUT_PATH')}")
 GITIGNORE = "__pycache__/\n*.pyc\n.venv/\n"
 
 
-def init_repo(directory: Path, base_image: str) -> list[str]:
+def init_repo(
+    directory: Path,
+    base_image: str,
+    *,
+    operator: str = OPERATORS[0],
+    count: int = 1,
+    cpus: int = 1,
+    ram_ratio: float = 2,
+) -> list[str]:
     """Write the files; refuse to overwrite any that exist. Returns what was written."""
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in directory.resolve().name.lower()) or "experiment"
+    types = manifest_types(operator, count, cpus, ram_ratio)
     files = {
         "Dockerfile": DOCKERFILE.format(base_image=base_image),
-        "aichor_manifests/manifest.yaml": MANIFEST.format(name=name),
+        "aichor_manifests/manifest.yaml": MANIFEST.format(name=name, operator=operator, types=types),
         "src/run.sh": RUN_SH,
         "src/main.py": MAIN_PY,
         "src/requirements.txt": "",

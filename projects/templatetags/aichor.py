@@ -22,10 +22,12 @@ def topbar(context) -> dict:
     engines = context.get("engines")
     if project is not None and engines is None:
         engines = list(project.engines.all())
-    engine = context.get("engine")
-    if project is not None and engine is None:
+    # The engine dropdown is the experiments list's filter, as the list last saved it; None is
+    # "All engines". An experiment's own engine never shows here (its page would change it).
+    engine = None
+    if project is not None:
         remembered = request.session.get(f"engine:{project.slug}")
-        engine = next((e for e in engines if e.name == remembered), None) or project.default_engine
+        engine = next((e for e in engines if e.name == remembered), None)
     return {
         "request": request,
         "user": user,

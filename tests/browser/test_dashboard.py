@@ -49,21 +49,22 @@ def test_login_then_switch_project_and_engine(page, live_asgi, member_user, proj
     page.get_by_label("E-mail").fill("member@example.com")
     page.get_by_label("Password").fill("pw-member-123")
     page.get_by_role("button", name="Log in").click()
-    # The first of the user's projects, by name.
-    expect(page).to_have_url(re.compile(r"/p/audio/\?engine=local$"))
+    # The first of the user's projects, by name, on All engines (the default filter).
+    expect(page).to_have_url(re.compile(r"/p/audio/$"))
+    expect(page.get_by_label("Engine", exact=True)).to_have_value("")
     page.get_by_label("Project", exact=True).select_option("vision")
-    expect(page).to_have_url(re.compile(r"/p/vision/\?engine=local$"))
+    expect(page).to_have_url(re.compile(r"/p/vision/$"))
     expect(page.get_by_role("heading", name=re.compile("No experiment in Vision"))).to_be_visible()
     screenshot(page, "empty-project")
 
     page.get_by_label("Project", exact=True).select_option("audio")
-    expect(page).to_have_url(re.compile(r"/p/audio/\?engine=local$"))
+    expect(page).to_have_url(re.compile(r"/p/audio/$"))
     # By keyboard: arrows do not navigate at every step, Enter does.
     engine_select = page.get_by_label("Engine", exact=True)
     engine_select.focus()
-    page.keyboard.press("ArrowUp")  # engines are listed by name: gpu-box, local
+    page.keyboard.press("ArrowDown")  # All engines, then the engines by name: gpu-box, local
     expect(engine_select).to_have_value("gpu-box")
-    expect(page).to_have_url(re.compile(r"/p/audio/\?engine=local$"))
+    expect(page).to_have_url(re.compile(r"/p/audio/$"))
     page.keyboard.press("Enter")
     expect(page).to_have_url(re.compile(r"/p/audio/\?engine=gpu-box$"))
     expect(page.get_by_role("heading", name=re.compile("Experiments"))).to_contain_text("on gpu-box")
@@ -99,7 +100,7 @@ def test_webhook_experiment_goes_from_waiting_to_succeeded_live_then_logs_search
 
     row.get_by_role("link", name=experiment.short_id).focus()
     page.keyboard.press("Enter")
-    expect(page.locator("#experiment-status")).to_have_text("Succeeded")
+    expect(page.locator("#experiment-status")).to_have_text("Status: Succeeded")
     log = page.locator("#log")
     expect(log).to_contain_text("training done")
     expect(log.locator(".ansi-2", has_text="training done")).to_be_visible()
@@ -122,7 +123,7 @@ def test_webhook_experiment_goes_from_waiting_to_succeeded_live_then_logs_search
         expect(page.get_by_text("Resubmission of")).to_be_visible()
         new = Experiment.objects.get(resubmitted_from=experiment)
         expect(page).to_have_url(re.compile(f"/experiments/{new.pk}/$"))
-        expect(page.locator("#experiment-status")).to_have_text("Succeeded", timeout=60_000)
+        expect(page.locator("#experiment-status")).to_have_text("Status: Succeeded", timeout=60_000)
         expect(page.locator("#log")).to_contain_text("training done")
     screenshot(page, "resubmitted")
 
@@ -137,7 +138,7 @@ def test_cancel_a_running_experiment(client, logged_in_page, live_asgi, project,
         screenshot(page, "running")
         page.once("dialog", lambda dialog: dialog.accept())
         page.get_by_role("button", name="Cancel experiment").click()
-        expect(page.locator("#experiment-status")).to_have_text("Cancelled")
+        expect(page.locator("#experiment-status")).to_have_text("Status: Cancelled")
         expect(page.get_by_text("Cancelled by member@example.com")).to_be_visible()
         expect(page.get_by_role("button", name="Resubmit")).to_be_visible()
         wait_for(lambda: Experiment.objects.get(pk=experiment.pk).status == Status.CANCELLED, 10)

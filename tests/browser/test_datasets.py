@@ -25,7 +25,7 @@ def test_upload_navigate_preview_download_delete(logged_in_page, live_asgi, proj
     page.get_by_role("button", name="Create folder").click()
     page.locator("#browser .ds-crumbs a[aria-current]", has_text="data").wait_for()
     page.get_by_role("link", name="inputs").first.click()
-    page.get_by_role("link", name="📁 data/").click()
+    page.get_by_role("link", name="data/", exact=True).click()
     page.locator("#browser[data-prefix='data/']").wait_for()
 
     # Every progress value the bar shows is recorded, to see it move rather than jump to done.

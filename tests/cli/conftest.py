@@ -22,7 +22,7 @@ def server_url(asgi_server_url) -> str:
 
 class Cli:
     def __init__(self, home: Path, url: str) -> None:
-        self.url = url
+        self.url, self.home = url, home
         self.env = {**os.environ, "XDG_CONFIG_HOME": str(home), "COLUMNS": "200"}
 
     def run(self, *args: str, check: bool = True, cwd: Path | None = None, timeout: float = 120):

@@ -84,7 +84,7 @@ def test_follow_then_cancel_a_long_running_one(logged_in, tmp_path, celery_worke
         out, _ = follower.communicate(timeout=30)  # follow ends by itself once the experiment does
     finally:
         follower.kill()
-    assert follower.returncode == 0
+    assert follower.returncode == 130  # the outcome: Cancelled
     assert "started-long" in out
     steps = {s["name"]: s["status"] for s in logged_in.json("experiments", "step", experiment["id"])}
     assert steps["Running"] == "Cancelled" and steps["Completed"] == "Cancelled"
@@ -150,7 +150,7 @@ def test_errors_are_one_line_with_non_zero_exit(logged_in, cli, tmp_path, member
     empty = tmp_path / "empty"
     empty.mkdir()
     line = one_line_error(logged_in.run("experiments", "submit", "local", "--repo-dir", str(empty), check=False))
-    assert "manifest aichor_manifests/manifest.yaml not found" in line
+    assert "no manifest" in line and "aichor_manifests/manifest.yaml" in line
 
     line = one_line_error(logged_in.run("context", "set", "project", "nope", check=False))
     assert "no project nope" in line

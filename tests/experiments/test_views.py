@@ -102,7 +102,7 @@ def row_of(html: str, experiment: Experiment) -> str:
 
 def resource_cells(row: str) -> list[str]:
     """The CPUs, GPUs and memory cells of a table row."""
-    return [c.split("</td>")[0].strip() for c in row.split('<td class="num">')[1:4]]
+    return [c.split("</td>")[0].strip() for c in row.split('<td class="num opt">')[1:4]]
 
 
 GPU_WORKERS = (
@@ -138,24 +138,66 @@ def test_list_counts_every_process_of_the_manifest(client, member_user, project,
     assert f"<dt>Resources</dt><dd>{cpus} CPU · {gpus} GPU · {memory}</dd>" in page
 
 
-def test_list_puts_the_engine_in_the_url_and_remembers_it(client, member_user, project, db):
+def test_list_shows_all_engines_by_default_with_an_engine_column(client, member_user, project):
+    other = Engine.objects.create(name="gpu-docker", kind=Engine.Kind.DOCKER)
+    project.engines.add(other)
+    here = make_experiment(project, message="on local")
+    there = services.create_experiment(
+        project=project, engine=other, commit_sha="b" * 40, manifest_path="manifest.yaml", message="on gpu"
+    )
+    client.force_login(member_user)
+    response = client.get("/p/vision/")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert '<option value="" selected>All engines</option>' in html
+    assert '<th scope="col" class="opt">Engine</th>' in html
+    assert '<td class="engine nowrap opt">local</td>' in row_of(html, here)
+    assert '<td class="engine nowrap opt">gpu-docker</td>' in row_of(html, there)
+
+
+def test_list_remembers_the_chosen_engine_and_all_engines(client, member_user, project):
     other = Engine.objects.create(name="gpu-docker", kind=Engine.Kind.DOCKER)
     project.engines.add(other)
     client.force_login(member_user)
-    response = client.get("/p/vision/")
-    assert response.status_code == 302 and response["Location"] == "/p/vision/?engine=local"
     client.get("/p/vision/?engine=gpu-docker")
+    # The choice is remembered and put back in the URL, so the page can be shared.
     assert client.get("/p/vision/")["Location"] == "/p/vision/?engine=gpu-docker"
+    assert 'value="gpu-docker" selected' in client.get("/p/vision/details/").content.decode()
+    client.get("/p/vision/?engine=")
+    response = client.get("/p/vision/")
+    assert response.status_code == 200 and '<option value="" selected>All engines</option>' in response.content.decode()
     assert client.get("/")["Location"] == "/p/vision/"
 
 
-def test_list_shows_only_the_selected_engine(client, member_user, project, experiment):
+def test_opening_an_experiment_never_changes_the_engine_filter(client, member_user, project):
+    other = Engine.objects.create(name="gpu-docker", kind=Engine.Kind.DOCKER)
+    project.engines.add(other)
+    on_gpu = services.create_experiment(project=project, engine=other, commit_sha="b" * 40, manifest_path="m.yaml")
+    client.force_login(member_user)
+    client.get("/p/vision/?engine=local")
+    page = client.get(f"/experiments/{on_gpu.pk}/").content.decode()
+    assert 'value="local" selected' in page and 'value="gpu-docker" selected' not in page
+    assert client.get("/p/vision/")["Location"] == "/p/vision/?engine=local"
+    client.get("/p/vision/?engine=")
+    client.get(f"/experiments/{on_gpu.pk}/")
+    assert client.get("/p/vision/").status_code == 200  # still All engines
+
+
+def test_list_of_one_engine_says_how_many_runs_are_on_others(client, member_user, project, experiment):
     other = Engine.objects.create(name="gpu-docker", kind=Engine.Kind.DOCKER)
     project.engines.add(other)
     client.force_login(member_user)
     html = client.get("/p/vision/?engine=gpu-docker").content.decode()
     assert experiment.short_id not in html
     assert "No experiment in Vision on gpu-docker yet" in html
+    assert '1 run on other engines: <a href="/p/vision/?engine=">show all engines</a>' in html
+    # Filters carry over to the count and the link.
+    html = client.get("/p/vision/?engine=gpu-docker&status=Failed").content.decode()
+    assert 'id="elsewhere"' not in html
+    html = client.get("/p/vision/?engine=gpu-docker&author=researcher").content.decode()
+    assert "1 run on other engines matches these filters" in html
+    assert 'href="/p/vision/?engine=&amp;author=researcher"' in html
+    assert 'id="elsewhere"' not in client.get("/p/vision/?engine=local").content.decode()
 
 
 def test_list_filters_by_status_author_and_text(client, member_user, project):

@@ -64,8 +64,9 @@ def test_project_page_reads_the_role_with_the_project(client, member_user, proje
     with CaptureQueriesContext(connection) as queries:
         html = client.get("/p/vision/details/").content.decode()
     assert "<dt>Your role</dt><dd>member</dd>" in html
-    # Session, user, the project with the role, its engines, its members, the top bar's projects.
-    assert len(queries) == 6
+    # Session, user, the project with the role, its engines, its members, the top bar's
+    # projects, the last commit status posting errors (notifications card).
+    assert len(queries) == 7
     assert [sql for sql in membership_lookups(queries) if '"auth_user"' not in sql] == []
 
 

@@ -45,7 +45,7 @@ def test_bootstrap_without_any_engine_says_so_and_makes_no_demo(data_dir, settin
     settings.LOCAL_ENGINE = False
     monkeypatch.setattr(bootstrap, "_docker_available", lambda: False)
     call_command("bootstrap")
-    assert "No engine: start a Docker Engine" in capsys.readouterr().out
+    assert "No engine: start a Docker Engine" in capsys.readouterr().err
     assert not Engine.objects.exists()
     assert not Project.objects.filter(slug="demo").exists()
 
@@ -55,7 +55,7 @@ def test_bootstrap_without_local_repos_makes_no_demo_and_says_why(data_dir, sett
     settings.LOCAL_ENGINE = True
     settings.ALLOW_LOCAL_REPOS = False
     call_command("bootstrap")
-    assert "AICHOR_ALLOW_LOCAL_REPOS=true" in capsys.readouterr().out
+    assert "AICHOR_ALLOW_LOCAL_REPOS=true" in capsys.readouterr().err
     assert Engine.objects.filter(kind=Engine.Kind.LOCAL).exists()
     assert not Project.objects.filter(slug="demo").exists()
 
@@ -69,9 +69,9 @@ def test_demo_runs_on_the_local_engine_when_docker_cannot_get_its_base_image(
     # An image no registry has: the real pull fails, with or without a registry in reach.
     monkeypatch.setattr(bootstrap, "DEMO_BASE_IMAGE", "aichor-test/never-published:none")
     settings.LOCAL_ENGINE = True
-    out = io.StringIO()
-    call_command("bootstrap", stdout=out)
-    assert "Docker cannot get aichor-test/never-published:none" in out.getvalue()
+    notes = io.StringIO()
+    call_command("bootstrap", stdout=io.StringIO(), stderr=notes)
+    assert "Docker cannot get aichor-test/never-published:none" in notes.getvalue()
     demo = Project.objects.get(slug="demo")
     assert demo.default_engine.kind == Engine.Kind.LOCAL
     assert {e.kind for e in demo.engines.all()} == {Engine.Kind.DOCKER, Engine.Kind.LOCAL}

@@ -8,7 +8,8 @@ pytestmark = pytest.mark.django_db
 def test_login_page_and_login_lands_on_the_first_project(client, member_user, project):
     assert client.get("/login/").status_code == 200
     response = client.post("/login/", {"username": "member@example.com", "password": "pw-member-123"}, follow=True)
-    assert response.redirect_chain[-1][0] == "/p/vision/?engine=local"
+    # All engines is the default filter: no engine in the URL until the user picks one.
+    assert response.redirect_chain[-1][0] == "/p/vision/"
 
 
 def test_wrong_password_says_so(client, member_user):
@@ -86,6 +87,6 @@ def test_pages_link_to_the_shared_urls(client, admin_user, project):
         'href="/p/vision/datasets/"',
         'href="/account/tokens/"',
         'href="/admin/"',
-        'href="/p/vision/?engine=local"',
+        'href="/p/vision/"',
     ):
         assert href in html

@@ -1,14 +1,20 @@
 """First start of `make run`: an admin user, engines, and a demo project whose Git repository
 already holds a runnable experiment, so a new user sees aichor work before configuring anything.
-Idempotent: later starts only print where to go."""
+Idempotent: later starts only print where to go.
 
+Notes along the way go to stderr; stdout holds only the login box, which scripts/run.sh prints
+once the server answers (so it is the last thing on the screen, not lost above the workers' logs)."""
+
+import os
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
+from django.urls import reverse
 
 from experiments.services import create_experiment
 from projects.models import Engine, Project
@@ -50,6 +56,79 @@ with open(os.path.join(out, "metrics.txt"), "w") as fh:
 print("wrote", out)
 """,
 }
+
+
+# The demo's bare repository delivers each push to this server as GitHub would: a signed push
+# webhook. The push waits for the answer, briefly; the server only records and enqueues.
+POST_RECEIVE = """#!{python}
+\"\"\"aichor: deliver each pushed branch to the local aichor server as a signed GitHub push
+webhook, so a commit `aichor[manifest.yaml]: ...` starts an experiment. Written by
+`manage.py bootstrap`.\"\"\"
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+URL = {url!r}
+SITE = {site!r}
+ZERO = "0" * 40
+SECRET = Path(__file__).with_name("aichor-webhook.secret").read_text().strip()
+# The server is on this host: never through a proxy the pusher's environment names.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({{}}))
+
+
+def head_commit(sha):
+    fields = ["git", "log", "-1", "--format=%ae%x00%B", sha, "--"]
+    email, _, message = subprocess.run(fields, check=True, capture_output=True, text=True).stdout.partition("\\0")
+    return {{"id": sha, "message": message.rstrip("\\n"), "author": {{"email": email}}}}
+
+
+def deliver(old, new, ref):
+    branch = ref.removeprefix("refs/heads/")
+    body = json.dumps({{"ref": ref, "before": old, "after": new, "head_commit": head_commit(new)}}).encode()
+    signature = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = {{
+        "Content-Type": "application/json",
+        "X-GitHub-Event": "push",
+        "X-GitHub-Delivery": str(uuid.uuid4()),
+        "X-Hub-Signature-256": signature,
+    }}
+    try:
+        with OPENER.open(urllib.request.Request(URL, body, headers), timeout=5) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return f"aichor: {{URL}} refused the push of {{branch}} (HTTP {{exc.code}})"
+    except (OSError, ValueError) as exc:
+        return f"aichor: could not deliver the push of {{branch}} to {{URL}} ({{getattr(exc, 'reason', exc)}})"
+    if answer.get("created"):
+        return f"aichor: experiment started: {{SITE}}/experiments/{{answer['experiment']}}/"
+    return f"aichor: {{branch}} delivered, nothing started: {{answer.get('reason')}}"
+
+
+for line in sys.stdin:
+    old, new, ref = line.split()
+    if ref.startswith("refs/heads/") and new != ZERO:
+        print(deliver(old, new, ref), flush=True)
+"""
+
+
+def install_push_hook(bare: Path, project: Project) -> None:
+    """(Re)written on every start: the server's address may have changed (PORT=, HOST=)."""
+    hooks = bare / "hooks"
+    secret = hooks / "aichor-webhook.secret"
+    # Readable by the server's user only, as the SECRET_KEY file beside it in the data folder.
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(project.webhook_secret + "\n")
+    hook = hooks / "post-receive"
+    url = settings.PUBLIC_URL + reverse("webhook-github", args=[project.slug])
+    hook.write_text(POST_RECEIVE.format(python=sys.executable, url=url, site=settings.PUBLIC_URL))
+    hook.chmod(0o755)
 
 
 def _git(*args: str, cwd: Path) -> str:
@@ -105,10 +184,10 @@ class Command(BaseCommand):
                 docker.save(update_fields=["config"])
             engines.append(docker)
         if not engines:
-            self.stdout.write("No engine: start a Docker Engine (or set AICHOR_LOCAL_ENGINE=true on a laptop).")
+            self.note("No engine: start a Docker Engine (or set AICHOR_LOCAL_ENGINE=true on a laptop).")
         elif not settings.ALLOW_LOCAL_REPOS:
             # The demo's repository is a folder on this server, which only that setting allows.
-            self.stdout.write("No demo project: its Git repository is local (AICHOR_ALLOW_LOCAL_REPOS=true).")
+            self.note("No demo project: its Git repository is local (AICHOR_ALLOW_LOCAL_REPOS=true).")
         elif not Project.objects.filter(slug="demo").exists():
             admin = users.objects.filter(is_superuser=True).first()
             url, sha = make_demo_repo(Path(settings.DATA_DIR))
@@ -121,7 +200,7 @@ class Command(BaseCommand):
                 if _demo_base_available():
                     default = docker_engine
                 else:
-                    self.stdout.write(
+                    self.note(
                         f"Docker cannot get {DEMO_BASE_IMAGE} (no registry reachable?): "
                         f"the demo runs on the {default.name} engine."
                     )
@@ -136,13 +215,34 @@ class Command(BaseCommand):
                 author=admin,
                 manifest_path="aichor_manifests/manifest.yaml",
             )
-        self.stdout.write(f"\naichor is starting at {settings.PUBLIC_URL}/")
-        if password:
-            self.stdout.write(f"Log in as {ADMIN} with password {password}  (shown once; change it in the admin)\n")
-        else:
-            self.stdout.write(
-                f"Log in as {ADMIN} (`python manage.py changepassword {ADMIN}` if you lost the password)\n"
-            )
+        demo = Project.objects.filter(slug="demo").first()
+        bare = Path(settings.DATA_DIR) / "demo-repo.git"
+        if demo is not None and bare.is_dir():
+            try:
+                install_push_hook(bare, demo)
+            except ValueError as exc:  # the secret no longer decrypts: the server still starts
+                self.note(f"The demo repository's push hook is not updated: {exc}")
+        self.stdout.write(login_box(password))
+
+    def note(self, text: str) -> None:
+        self.stderr.write(text, style_func=lambda plain: plain)
+
+
+def login_box(password: str | None) -> str:
+    lines = [f"aichor is running at {settings.PUBLIC_URL}/"]
+    if password:
+        lines += [
+            f"Log in as {ADMIN} with password {password}",
+            f"(shown this once: change it at {settings.PUBLIC_URL}/admin/password_change/)",
+        ]
+    else:
+        python = os.path.relpath(sys.executable)
+        python = sys.executable if python.startswith("..") else python
+        lines += [f"Log in as {ADMIN}", f"Lost the password? {python} manage.py changepassword {ADMIN}"]
+    width = max(len(line) for line in lines)
+    return "\n".join(
+        [f"┌{'─' * (width + 2)}┐", *(f"│ {line.ljust(width)} │" for line in lines), f"└{'─' * (width + 2)}┘"]
+    )
 
 
 def _docker_network() -> str:

@@ -8,13 +8,14 @@ from projects.services import create_api_token
 
 
 class Command(BaseCommand):
-    help = "Print a fresh API token for USERNAME (revoking the previous one), for automation."
+    help = "Print a fresh API token for USERNAME (its other tokens stay valid), for automation."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("username")
+        parser.add_argument("--name", default="default", help="what the token is for (default: default)")
         parser.add_argument("--days", type=int, default=None, help="expire after this many days (default: never)")
 
-    def handle(self, *args, username: str, days: int | None, **options) -> None:
+    def handle(self, *args, username: str, name: str, days: int | None, **options) -> None:
         User = get_user_model()
         try:
             user = User.objects.get(**{User.USERNAME_FIELD: username})
@@ -23,4 +24,4 @@ class Command(BaseCommand):
         if days is not None and days <= 0:
             raise CommandError("--days must be positive")
         expires_at = timezone.now() + timedelta(days=days) if days else None
-        self.stdout.write(create_api_token(user, expires_at))
+        self.stdout.write(create_api_token(user, expires_at, name=name))

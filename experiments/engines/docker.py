@@ -723,12 +723,18 @@ class DockerEngine(SingleHostEngine):
 
     def cleanup(self, handle: dict) -> None:
         netns = [handle["netns"]] if handle.get("netns") else []
+        failed: APIError | None = None
         # Once each: a lone process is its own namespace's holder.
         for cid in dict.fromkeys([*handle.get("containers", {}).values(), *handle.get("held_originals", []), *netns]):
             try:
                 self.client.api.remove_container(cid, force=True)
             except NotFound:
                 pass
+            except APIError as exc:
+                # A racing cleanup (the stop task and a cancelled submit) answers 409 "removal
+                # already in progress": go on with the others, the namespace holder last of all.
+                if exc.status_code != 409:
+                    failed = failed or exc
         for image in handle.get("hold_images", []):
             try:
                 self.client.api.remove_image(image, force=True)
@@ -736,6 +742,8 @@ class DockerEngine(SingleHostEngine):
                 pass  # gone already, or still used by a container a racing cleanup removes
         for volume in handle.get("volumes", []):
             self._remove_volume(volume)
+        if failed is not None:
+            raise failed
 
     def _remove_volume(self, name: str) -> None:
         try:
@@ -765,11 +773,17 @@ class DockerEngine(SingleHostEngine):
         # Every labelled container, not find()'s one-per-process view: a held process has two.
         # The namespace holder last: the processes still joined to it go first.
         found_all = self.client.api.containers(all=True, filters={"label": f"{LABEL}={experiment_id}"})
+        failed: APIError | None = None
         for found in sorted(found_all, key=lambda c: NETNS_LABEL in (c.get("Labels") or {})):
             try:
                 self.client.api.remove_container(found["Id"], force=True)
             except NotFound:
                 pass
+            except APIError as exc:
+                if exc.status_code != 409:  # 409: a racing cleanup removes it already
+                    failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 # Starts namespace holders while submit creates the processes; a few threads for all engines.

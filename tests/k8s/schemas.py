@@ -23,6 +23,7 @@ import importlib.resources
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -102,15 +103,40 @@ class SchemasMissing(RuntimeError):
 
 
 def crds_dir() -> Path:
+    """The shared k8s reference data's crds/ folder: AICHOR_K8S_SHARED, else `shared/k8s` beside
+    this checkout, beside the checkout it was cloned from (a CI clone elsewhere), or /work."""
     shared = os.environ.get("AICHOR_K8S_SHARED")
-    base = Path(shared) if shared else Path(__file__).resolve().parents[2].parent / "shared" / "k8s"
-    path = base / "crds"
-    if not path.is_dir():
-        raise SchemasMissing(
-            f"CRD schemas not found at {path}: set AICHOR_K8S_SHARED to the folder holding crds/ "
-            "(the shared k8s reference data)"
-        )
-    return path
+    if shared:
+        candidates = [Path(shared)]
+    else:
+        repo = Path(__file__).resolve().parents[2]
+        candidates = [repo.parent / "shared" / "k8s"]
+        origin = _clone_origin(repo)
+        if origin:
+            candidates.append(origin.parent / "shared" / "k8s")
+        candidates.append(Path("/work/shared/k8s"))
+    for base in candidates:
+        if (base / "crds").is_dir():
+            return base / "crds"
+    raise SchemasMissing(
+        f"CRD schemas not found at {', '.join(str(b / 'crds') for b in candidates)}: set AICHOR_K8S_SHARED "
+        "to the folder holding crds/ (the shared k8s reference data)"
+    )
+
+
+def _clone_origin(repo: Path) -> Path | None:
+    """The local checkout `repo` was cloned from, if it was cloned from a folder."""
+    try:
+        url = subprocess.run(
+            ["git", "-C", str(repo), "config", "--get", "remote.origin.url"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = Path(url.removeprefix("file://")) if url.startswith(("/", "file://")) else None
+    return path if path and path.is_dir() else None
 
 
 @functools.cache

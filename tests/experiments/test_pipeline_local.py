@@ -183,7 +183,7 @@ def test_resubmit_of_an_active_experiment_is_refused(project):
         resubmit_experiment(experiment)
 
 
-def test_reconcile_moves_on_an_experiment_whose_message_was_lost(project, git_repo, celery_worker_thread):
+def test_reconcile_moves_on_an_experiment_whose_message_was_lost(project, git_repo, request):
     from datetime import timedelta
 
     from django.utils import timezone
@@ -194,12 +194,14 @@ def test_reconcile_moves_on_an_experiment_whose_message_was_lost(project, git_re
 
     message = "aichor[train.yaml]: lost message"
     sha = git_repo.commit({"aichor_manifests/train.yaml": manifest_yaml("echo recovered")}, message)
-    # The broker lost the clone message: purge it before the worker can take it.
+    # The broker lost the clone message: purged before any worker runs (a worker already
+    # running could take it first, and the test would watch two clones race).
     with app.connection_for_write() as conn:
         experiment = create_experiment(project=project, commit_sha=sha, manifest_path="aichor_manifests/train.yaml")
         conn.default_channel.queue_purge("celery")
     Experiment.objects.filter(pk=experiment.pk).update(heartbeat_at=timezone.now() - timedelta(minutes=10))
     assert reconcile() == [str(experiment.pk)]
+    request.getfixturevalue("celery_worker_thread")
     experiment = wait_for(
         lambda: Experiment.objects.filter(pk=experiment.pk, status__in=["Succeeded", "Failed"]).first()
     )

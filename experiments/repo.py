@@ -15,7 +15,7 @@ from pathlib import Path
 from django.conf import settings
 
 from aichor.lib.git import GitInputError, check_branch, check_clone_url, check_sha, redact_credentials
-from experiments.pipeline.clone import _git_safety
+from experiments.pipeline.clone import git_safety
 
 MANIFEST_DIR = "aichor_manifests/"
 ROOT_MANIFEST = "manifest.yaml"
@@ -43,7 +43,7 @@ def _run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProces
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
     try:
         return subprocess.run(
-            ["git", *_git_safety(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS
+            ["git", *git_safety(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS
         )
     except subprocess.TimeoutExpired:
         raise RepoError(f"the repository did not answer within {TIMEOUT_SECONDS} s") from None

@@ -300,7 +300,9 @@ def experiment_resubmit(request: HttpRequest, experiment_id) -> HttpResponse:
     experiment, _ = get_experiment(request.user, experiment_id)
     try:
         new = services.resubmit_experiment(
-            experiment, actor=request.user, engine=services.chosen_engine(experiment.project, request.POST.get("engine"))
+            experiment,
+            actor=request.user,
+            engine=services.chosen_engine(experiment.project, request.POST.get("engine")),
         )
     except services.ExperimentError as exc:
         messages.error(request, str(exc))

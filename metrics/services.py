@@ -10,7 +10,8 @@ from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
-from datasets.storage import bucket_root, is_s3, s3_client
+from datasets.services import InvalidKey, LinkRefused, list_objects, open_object
+from datasets.storage import is_s3, s3_client
 from experiments.models import Experiment
 from metrics import parse
 from metrics.models import Chunk, EventFile, Series
@@ -86,7 +87,7 @@ def tensorboard_location(experiment: Experiment) -> tuple[str, str]:
     return experiment.project.outputs_bucket, f"{experiment.output_prefix}tensorboard/"
 
 
-def _event_files(bucket: str, folder: str) -> list[tuple[str, int]]:
+def event_files(bucket: str, folder: str) -> list[tuple[str, int]]:
     """(path relative to the folder, size) of every event file under it."""
     if is_s3():
         found = []
@@ -97,25 +98,47 @@ def _event_files(bucket: str, folder: str) -> list[tuple[str, int]]:
                 if "tfevents" in key.rsplit("/", 1)[-1]:
                     found.append((key[len(folder) :], item["Size"]))
         return found
-    root = bucket_root(bucket) / folder
-    if not root.is_dir():
-        return []
-    # No symbolic links followed: the folder is the workload's to fill.
-    return [
-        (str(path.relative_to(root)), path.lstat().st_size)
-        for path in root.rglob("*tfevents*")
-        if path.is_file() and not path.is_symlink()
-    ]
+    return _fs_event_files(bucket, folder)
 
 
-def _read_from(bucket: str, folder: str, path: str, offset: int, size: int) -> bytes:
+# A workload can nest folders without end: the walk stops after this many.
+MAX_EVENT_FOLDERS = 1000
+
+
+def _fs_event_files(bucket: str, folder: str) -> list[tuple[str, int]]:
+    """The filesystem backend's event files, walked through the datasets listing: a link a
+    workload left (`ln -s / tensorboard/root`) is listed as a link and never followed."""
+    found, pending, visited = [], [folder], 0
+    while pending and visited < MAX_EVENT_FOLDERS:
+        prefix, cursor = pending.pop(), None
+        visited += 1
+        while True:
+            try:
+                page = list_objects(bucket, prefix, cursor=cursor, page_size=1000)
+            except (InvalidKey, LinkRefused):
+                break  # a name no key may have, or a folder swapped for a link meanwhile
+            for entry in page.entries:
+                if entry.is_folder:
+                    pending.append(entry.key)
+                elif not entry.is_link and "tfevents" in entry.name and entry.size is not None:
+                    found.append((entry.key[len(folder) :], entry.size))
+            cursor = page.next_cursor
+            if not cursor:
+                break
+    return found
+
+
+def read_event_file(bucket: str, folder: str, path: str, offset: int, size: int) -> bytes:
     end = min(size, offset + READ_BYTES) - 1
     if is_s3():
         reply = s3_client(bucket).get_object(Bucket=bucket, Key=folder + path, Range=f"bytes={offset}-{end}")
         return reply["Body"].read()
-    with open(bucket_root(bucket) / folder / path, "rb") as handle:
-        handle.seek(offset)
-        return handle.read(end + 1 - offset)
+    stored = open_object(bucket, folder + path)  # never through a link (datasets.services)
+    try:
+        stored.stream.seek(offset)
+        return stored.stream.read(end + 1 - offset)
+    finally:
+        stored.stream.close()
 
 
 def _series_name(path: str, tag: str) -> str:
@@ -132,7 +155,7 @@ def read_tensorboard(experiment: Experiment, *, force: bool = False) -> int:
         return 0
     bucket, folder = tensorboard_location(experiment)
     try:
-        files = _event_files(bucket, folder)
+        files = event_files(bucket, folder)
     except Exception as exc:  # storage unreachable: the stored series still answer
         log.warning("cannot list event files of %s: %s", experiment.pk, exc)
         return 0
@@ -141,7 +164,7 @@ def read_tensorboard(experiment: Experiment, *, force: bool = False) -> int:
     for path, size in sorted(files):
         offset = offsets.get(path, 0)
         while size > offset:
-            data = _read_from(bucket, folder, path, offset, size)
+            data = read_event_file(bucket, folder, path, offset, size)
             payloads, used = parse.records(data)
             if not used:
                 break

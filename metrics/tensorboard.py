@@ -4,8 +4,11 @@ IDLE_SECONDS without a request, at most settings.AICHOR_TENSORBOARD_MAX at once 
 idle is stopped to make room). The dashboard proxies to it (metrics.views), so only members
 reach it.
 
-It reads the experiment's AICHOR_TENSORBOARD_PATH: a folder of the outputs bucket on the
-filesystem, or s3:// through boto3 (TensorBoard needs no TensorFlow for either)."""
+It reads the experiment's AICHOR_TENSORBOARD_PATH: s3:// through boto3 (TensorBoard needs no
+TensorFlow), or, on the filesystem backend, a mirror of its event files only. TensorBoard follows
+links and reads what a projector config names, and that folder is the workload's to fill: a
+link there (`ln -s / tensorboard/root`) would hand members the server's files. The mirror is
+filled through the datasets listing and reads, which never follow a link (refresh_mirror)."""
 
 import os
 import socket
@@ -14,12 +17,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from django.conf import settings
 
-from datasets.storage import bucket_root, is_s3
+from datasets.storage import is_s3
 from experiments.models import Experiment
-from metrics.services import tensorboard_location
+from metrics.services import event_files, read_event_file, tensorboard_location
 
 IDLE_SECONDS = 600
 START_SECONDS = 30.0
@@ -55,10 +59,43 @@ def logdir(experiment: Experiment) -> str:
     bucket, folder = tensorboard_location(experiment)
     if is_s3():
         return f"s3://{bucket}/{folder}"
-    path = bucket_root(bucket) / folder
-    # TensorBoard waits for the folder to appear, but an absent one is clearer made (and empty).
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
+    refresh_mirror(experiment, force=True)
+    return str(mirror_of(experiment))
+
+
+def mirror_of(experiment: Experiment) -> Path:
+    return Path(settings.WORK_DIR) / "tensorboard" / str(experiment.pk)
+
+
+MIRROR_SECONDS = 2.0
+_mirrored: dict[str, float] = {}
+
+
+def refresh_mirror(experiment: Experiment, *, force: bool = False) -> None:
+    """Append what the experiment's event files gained to their copies in the mirror (event
+    files only grow); at most every MIRROR_SECONDS per experiment. Nothing on S3."""
+    if is_s3():
+        return
+    key, now = str(experiment.pk), time.monotonic()
+    if not force and now - _mirrored.get(key, float("-inf")) < MIRROR_SECONDS:
+        return
+    _mirrored[key] = now
+    bucket, folder = tensorboard_location(experiment)
+    root = mirror_of(experiment)
+    root.mkdir(parents=True, exist_ok=True)
+    for path, size in event_files(bucket, folder):
+        copy = root / path
+        have = copy.stat().st_size if copy.is_file() else 0
+        if have >= size:
+            continue
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with copy.open("ab") as out:
+            while have < size:
+                piece = read_event_file(bucket, folder, path, have, size)
+                if not piece:
+                    break
+                out.write(piece)
+                have += len(piece)
 
 
 def _environment() -> dict[str, str]:

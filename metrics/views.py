@@ -30,6 +30,7 @@ def tensorboard_proxy(request: HttpRequest, experiment_id, path: str = "") -> Ht
     if request.method not in ALLOWED_METHODS:
         return HttpResponse(status=405, headers={"Allow": ", ".join(ALLOWED_METHODS)})
     try:
+        tensorboard.refresh_mirror(experiment)
         instance = tensorboard.instance_for(experiment)
     except tensorboard.TensorBoardUnavailable as exc:
         return HttpResponse(f"TensorBoard is unavailable: {exc}", status=503, content_type="text/plain")

@@ -22,7 +22,7 @@ from experiments.pipeline.common import Liveness, StepFailed, enter, inside, wor
 from experiments.queue import next_step
 
 
-def _git_safety() -> list[str]:
+def git_safety() -> list[str]:
     """Config for every git call. `-c` settings reach child gits too (submodules), so a
     .gitmodules URL cannot use ext:: (runs a command), nor file:// unless local repositories
     are allowed (it would read the server's disk)."""
@@ -37,7 +37,7 @@ def _git(args: list[str], cwd: Path, writer: LogWriter, cancelled: Liveness, tim
     writer.line(redact_credentials("$ git " + " ".join(args)))
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
     proc = subprocess.Popen(
-        ["git", *_git_safety(), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ["git", *git_safety(), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     deadline = time.monotonic() + timeout
     try:

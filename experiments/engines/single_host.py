@@ -177,6 +177,20 @@ def plan_processes(workload: Workload, *, host: str, ports: list[int]) -> list[P
 RAY_PORTS = (6379, 8265, 10001, 52365)
 
 
+def _ray_port(params: dict[str, str], key: str, default: int) -> int:
+    """A port the head's rayStartParams may set: a number, or a clear refusal in the step log."""
+    value = params.get(key)
+    if not value:
+        return default
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise EngineError(f"spec.types.Head.rayStartParams.{key}: {value!r} is not a port number")
+    return port
+
+
 def ray_start_flags(params: dict[str, str]) -> list[str]:
     """`rayStartParams` as KubeRay turns them into `ray start` flags: "true" is a bare flag,
     "false" leaves it out (but for the options that take true/false as a value)."""
@@ -203,8 +217,8 @@ def _ray_processes(
     head = next(g for g in workload.groups if g.role == "head")
     # Kubernetes plans only the names, with one placeholder port.
     gcs, dashboard, client, *agents = [*ports, *[0] * ports_needed(workload)]
-    gcs = int(head.ray_start_params.get("port") or gcs or 6379)
-    dashboard = int(head.ray_start_params.get("dashboard-port") or dashboard or 8265)
+    gcs = _ray_port(head.ray_start_params, "port", gcs or 6379)
+    dashboard = _ray_port(head.ray_start_params, "dashboard-port", dashboard or 8265)
     address = f"{host}:{gcs}"
     # RAY_SERVER: the name older AIchor code passes to ray.init(address=...).
     ray = {"RAY_ADDRESS": address, "RAY_SERVER": address}

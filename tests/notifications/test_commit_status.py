@@ -75,7 +75,8 @@ def test_push_ends_with_pending_then_success_on_the_sha_and_context(
     assert final["target_url"] == page_of(experiment)
     assert final["description"].startswith("Succeeded in ") and len(final["description"]) <= 140
     assert all(seen.headers["Authorization"] == f"Bearer {TOKEN}" for seen in github.requests())
-    assert CommitStatus.objects.get(pk=experiment.pk).posted_state == "success"
+    # Recorded once the host's answer is back, just after the fake saw the post.
+    wait_for(lambda: CommitStatus.objects.get(pk=experiment.pk).posted_state == "success", message="the posted state")
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,8 +1,12 @@
-"""Shared set-up for benchmarks: a PostgreSQL database of their own, Django configured, and
-real server/worker processes (uvicorn, celery) with the same environment."""
+"""Shared set-up for benchmarks: a PostgreSQL database and a Redis database of their own (unique to
+the run, removed afterwards), Django configured, real server/worker processes (uvicorn, celery)
+with the same environment, and `figure()`: every measured figure printed on one line with its
+target and PASS/FAIL, and recorded for `run_all.py`'s summary."""
 
 import atexit
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,17 +17,86 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+MiB = 1024 * 1024
+
+# --- Figures ------------------------------------------------------------------------------------
+_verdicts: list[bool] = []
+
+
+def figure(name: str, value: str, target: str = "", passed: bool | None = None) -> None:
+    """Print one figure on one line: its value, its target and PASS or FAIL (INFO when it has no
+    target). Figures with a target count towards `make bench`'s summary and this script's exit
+    status. Quantities of bytes are in MiB and MiB/s, as everywhere in the benchmarks."""
+    verdict = "INFO" if passed is None else ("PASS" if passed else "FAIL")
+    shown_target = f"target {target}" if target else ""
+    print(f"  {name:<64} {value:>18}   {shown_target:<24} {verdict}", flush=True)
+    if passed is None:
+        return
+    _verdicts.append(bool(passed))
+    record = os.environ.get("BENCH_RESULTS")
+    if record:
+        # run_all.py counts these lines across every script of the run.
+        with open(record, "a") as out:
+            out.write(json.dumps({"script": Path(sys.argv[0]).stem, "figure": name, "passed": bool(passed)}) + "\n")
+
+
+def exit_status() -> int:
+    """0 when every figure with a target passed (and at least one was measured), else 1."""
+    return 0 if _verdicts and all(_verdicts) else 1
+
+
+# --- Isolation ----------------------------------------------------------------------------------
+def _run_suffix() -> str:
+    return f"{os.getpid()}_{int(time.time())}"
+
+
+def _claim_redis_db(server: str) -> str:
+    """A Redis database number no other benchmark run uses: the first empty one of 1–15, claimed
+    with a marker key, flushed and released when this run ends."""
+    import redis
+
+    for number in range(15, 0, -1):
+        client = redis.Redis.from_url(f"{server}/{number}")
+        if client.set("aichor-bench-claim", os.getpid(), nx=True, ex=6 * 3600):
+            if client.dbsize() > 1:  # not empty: someone else's data, leave it alone
+                client.delete("aichor-bench-claim")
+                continue
+            atexit.register(client.flushdb)
+            return f"{server}/{number}"
+    raise RuntimeError("no free Redis database (1–15) for this benchmark run")
+
+
+def _drop_database(base: str, name: str) -> None:
+    from django.db import connections
+
+    connections.close_all()
+    subprocess.run(
+        ["psql", f"{base}/postgres", "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], capture_output=True
+    )
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the run ends, so nothing is left under /tmp."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def setup_django(db_name: str) -> dict:
-    """Create (or reuse) a benchmark database and configure Django against it; returns the env
-    that server and worker subprocesses must share."""
+    """Create a database unique to this run (`<db_name>_<pid>_<time>`, dropped at exit), claim a
+    Redis database of its own, make a data folder (removed at exit) and configure Django against
+    them; returns the env that server and worker subprocesses must share."""
     base = os.environ.get("BENCH_DATABASE_SERVER", "postgres://postgres@127.0.0.1:5432")
-    subprocess.run(["psql", f"{base}/postgres", "-qc", f"CREATE DATABASE {db_name}"], capture_output=True)
-    data = Path(tempfile.mkdtemp(prefix="aichor-bench-"))
+    db_name = f"{db_name}_{_run_suffix()}"
+    subprocess.run(["psql", f"{base}/postgres", "-qc", f"CREATE DATABASE {db_name}"], capture_output=True, check=True)
+    atexit.register(_drop_database, base, db_name)
+    data = scratch_dir("aichor-bench-")
+    redis_url = os.environ.get("BENCH_REDIS_URL") or _claim_redis_db(
+        os.environ.get("BENCH_REDIS_SERVER", "redis://127.0.0.1:6379")
+    )
     env = {
         "DATABASE_URL": f"{base}/{db_name}",
-        "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+        "REDIS_URL": redis_url,
         "AICHOR_DATA_DIR": str(data),
         "AICHOR_SECRET_KEY": "bench-secret-key-not-for-production",
         "AICHOR_WATCH_POLL_SECONDS": "0.05",

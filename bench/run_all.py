@@ -19,6 +19,10 @@ def main() -> int:
     scripts += sorted(p for p in HERE.glob("*.py") if p.name not in ORDER and not p.name.startswith(("_", "run_all")))
     if len(sys.argv) > 1:
         scripts = [s for s in scripts if s.stem in sys.argv[1:]]
+    return run(scripts)
+
+
+def run(scripts: list[Path]) -> int:
     met = total = 0
     missed: list[str] = []
     with tempfile.NamedTemporaryFile("r", prefix="aichor-bench-results-", suffix=".jsonl") as record:

@@ -14,7 +14,7 @@ import tty
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import Processes, percentile, setup_django  # noqa: E402
+from bench._common import Processes, exit_status, figure, percentile, setup_django  # noqa: E402
 
 SAMPLES = 1000
 WARMUP = 50
@@ -179,15 +179,17 @@ def main() -> None:
         services.cancel_experiment(experiment)
         get_engine(engine).cleanup_experiment(str(experiment.pk))
 
-    print(f"terminal keystroke echo round-trip, {SAMPLES} samples each (ms)")
+    print(f"terminal keystroke echo round-trip, {SAMPLES} samples each")
     for name, values in (("websocket (uvicorn + consumer + docker exec)", via_ws), ("bare docker exec -it", bare)):
-        print(
-            f"  {name:45s} p50 {percentile(values, 50):6.3f}  p99 {percentile(values, 99):6.3f}"
-            f"  mean {statistics.mean(values):6.3f}"
+        figure(
+            f"{name} p50 / p99 / mean",
+            f"{percentile(values, 50):.3f} / {percentile(values, 99):.3f} / {statistics.mean(values):.3f} ms",
         )
     ratio50 = percentile(via_ws, 50) / percentile(bare, 50)
     ratio99 = percentile(via_ws, 99) / percentile(bare, 99)
-    print(f"  ratio websocket / docker exec: p50 {ratio50:.2f}  p99 {ratio99:.2f}  (target p50 <= 1.5)")
+    figure("ratio websocket / docker exec, p50", f"{ratio50:.2f}", "<= 1.5", ratio50 <= 1.5)
+    figure("ratio websocket / docker exec, p99", f"{ratio99:.2f}")
+    sys.exit(exit_status())
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ setup: $(VENV)/.installed $(if $(NPM),node_modules/.installed)
 run: export AICHOR_PUBLIC_URL ?= http://$(HOST):$(PORT)
 run: export AICHOR_LOCAL_ENGINE ?= true
 run: export AICHOR_ALLOW_LOCAL_REPOS ?= true
+# A trial on one machine may point notifications at a receiver on this machine.
+run: export AICHOR_OUTBOUND_ALLOW_NETWORKS ?= 127.0.0.0/8,::1/128
 run: setup
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0

@@ -228,6 +228,10 @@ CLONE_TIMEOUT_SECONDS = env_int("AICHOR_CLONE_TIMEOUT_SECONDS", 900)
 # file:// and plain paths as clone URLs read the server's own disk: only for the embedded
 # default (`make run` turns it on for its demo repository), never in production.
 ALLOW_LOCAL_REPOS = env_bool("AICHOR_ALLOW_LOCAL_REPOS", False)
+# Requests to URLs members give (notification endpoints, Git host API URLs) reach public addresses
+# only, plus these networks (comma-separated CIDRs, e.g. "10.0.0.0/8" for a company Git host).
+# Never the server's loopback or a cloud metadata address unless listed here (aichor.lib.outbound).
+OUTBOUND_ALLOW_NETWORKS = env_str("AICHOR_OUTBOUND_ALLOW_NETWORKS", "")
 BUILD_TIMEOUT_SECONDS = env_int("AICHOR_BUILD_TIMEOUT_SECONDS", 3600)
 MAX_ARCHIVE_BYTES = env_int("AICHOR_MAX_ARCHIVE_BYTES", 5 * 1024**3)
 # What one archive may unpack to (checked member by member while unpacking: a gzip bomb stops

@@ -1,10 +1,21 @@
 from django import forms
 from django.core.validators import URLValidator
 
+from aichor.lib import outbound
 from experiments.signals import EVENTS
 from notifications.models import EmailPreference, Endpoint, GitHost
 
 HTTP_ONLY = URLValidator(schemes=["http", "https"], message="Enter an http:// or https:// URL.")
+
+
+def reachable(url: str) -> None:
+    """The server only sends to public addresses (aichor.lib.outbound): say so on save."""
+    try:
+        outbound.check_url(url)
+    except outbound.InternalAddress as exc:
+        raise forms.ValidationError(str(exc)[0].upper() + str(exc)[1:] + ".") from None
+
+
 EVENT_LABELS = {
     "created": "created",
     "running": "started running",
@@ -20,7 +31,7 @@ class GitHostForm(forms.Form):
         label="API base URL",
         required=False,
         max_length=500,
-        validators=[HTTP_ONLY],
+        validators=[HTTP_ONLY, reachable],
         help_text="Empty: https://api.github.com or https://gitlab.com/api/v4 (or the repository's own host). "
         "GitHub Enterprise: https://HOST/api/v3; self-hosted GitLab: https://HOST/api/v4.",
     )
@@ -42,7 +53,7 @@ class GitHostForm(forms.Form):
 
 
 class EndpointForm(forms.Form):
-    url = forms.CharField(label="URL", max_length=500, validators=[HTTP_ONLY])
+    url = forms.CharField(label="URL", max_length=500, validators=[HTTP_ONLY, reachable])
     events = forms.MultipleChoiceField(
         choices=[(event, EVENT_LABELS[event]) for event in EVENTS], widget=forms.CheckboxSelectMultiple
     )

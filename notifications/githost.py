@@ -10,6 +10,7 @@ import requests
 from django.conf import settings
 from django.urls import reverse
 
+from aichor.lib import outbound
 from experiments import signals
 from experiments.models import Experiment, Status
 from notifications.models import GitHost
@@ -142,7 +143,7 @@ def post(target: Target, token: str, event: str, experiment: Experiment) -> tupl
             "X-GitHub-Api-Version": "2022-11-28",
         }
     headers["User-Agent"] = "aichor"
-    return state, requests.post(url, json=body, headers=headers, timeout=timeout, allow_redirects=False)
+    return state, outbound.post(url, json=body, headers=headers, timeout=timeout, allow_redirects=False)
 
 
 def _message(response: requests.Response) -> str:

@@ -22,6 +22,7 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from aichor.celery import app
+from aichor.lib import outbound
 from aichor.lib.crypto import encrypt
 from experiments import queue, signals
 from experiments.models import Experiment, WebhookDelivery
@@ -256,6 +257,11 @@ def _post_leased(experiment_id: UUID, attempt: int) -> None:
     try:
         state, response = githost.post(target, git_host.token, event, experiment)
     except requests.RequestException as exc:
+        if outbound.refused(exc):  # a setting to change, not an outage: no retry
+            _status_error(
+                experiment_id, "refused: the Git host's API URL leads to an address internal to the server's network"
+            )
+            return
         _retry_status(experiment_id, attempt, None, f"the Git host could not be reached ({type(exc).__name__})")
         return
     if response.ok or githost.already_there(target, response):
@@ -346,9 +352,9 @@ def deliver(delivery_id: UUID) -> None:
     if delivery is None:
         return  # delivered, given up, or its endpoint deleted
     body, headers = request_of(delivery, int(time.time()))
-    response = None
+    response, refused = None, False
     try:
-        response = requests.post(
+        response = outbound.post(
             delivery.endpoint.url,
             data=body,
             headers=headers,
@@ -359,10 +365,13 @@ def deliver(delivery_id: UUID) -> None:
     except requests.RequestException as exc:
         # Not str(exc): it repeats the URL, which for Slack is itself a secret.
         code, excerpt = None, f"{type(exc).__name__}: the receiver could not be reached"
+        refused = outbound.refused(exc)  # a setting to change, not an outage: no retry
+        if refused:
+            excerpt = "refused: the URL leads to an address internal to the server's network"
     attempts = delivery.attempts + 1
     if code is not None and 200 <= code < 300:
         state = Delivery.State.DELIVERED
-    elif (response is None or backoff.retryable(response)) and attempts < settings.NOTIFY_MAX_ATTEMPTS:
+    elif not refused and (response is None or backoff.retryable(response)) and attempts < settings.NOTIFY_MAX_ATTEMPTS:
         state = Delivery.State.PENDING
     else:
         state = Delivery.State.FAILED

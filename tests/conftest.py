@@ -34,6 +34,8 @@ def pytest_configure(config):
     # Test repositories are file:// URLs; the environment carries it to worker subprocesses.
     settings.ALLOW_LOCAL_REPOS = True
     os.environ["AICHOR_ALLOW_LOCAL_REPOS"] = "true"
+    # The fake Git hosts and notification receivers listen on loopback.
+    settings.OUTBOUND_ALLOW_NETWORKS = "127.0.0.0/8,::1/128"
     # Worker threads must not keep connections open past a test: the test database is
     # flushed or dropped behind them.
     settings.DATABASES["default"]["CONN_MAX_AGE"] = 0

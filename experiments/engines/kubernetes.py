@@ -15,10 +15,13 @@ watch of the pods labelled with an experiment id, across namespaces (`_PodWatch`
 a WATCH on a thread), so a poll costs no request whatever the number of experiments; while the
 watch is down it is one labelled list.
 
-Logs are read per pod (the API has no batch read) with a [second, taken] cursor; follow() skips
-waiting pods, reads quiet ones less and less often, and stays within LOG_READS_PER_SECOND for
-the whole process (engine setting `log_reads_per_second`); an exited process's log read to its
-end costs nothing more. cancel() reads what the pods printed since the last read before it
+Logs have a [second, taken] cursor (the API's sinceTime counts whole seconds). The watcher's
+follow() reads each running pod's log through one followed request (`follow=true`, read on a
+thread, `_LogStream`): one call per process for its whole run, however often it is visited; a
+stream the kubelet ended with the log, read to its end, makes the final read free. Waiting pods
+are skipped; past MAX_LOG_STREAMS open streams, processes are polled, quiet ones less and less
+often; stream opens and polls stay within LOG_READS_PER_SECOND for the whole process (engine
+setting `log_reads_per_second`). cancel() reads what the pods printed since the last read before it
 deletes them (a deleted pod's logs go with it), for the caller's final read.
 
 Debug hold: the failed run's objects stay as they are until the hold's release deletes them."""
@@ -63,6 +66,8 @@ LOG_BUDGET_BYTES = 1 << 20
 # How long cancel waits for the pods to go (foreground deletion): a terminal state means an
 # empty namespace, but a stuck finalizer must not hold a worker forever.
 DELETE_WAIT_SECONDS = 60.0
+# How long states() waits for the pod watch's first list, rather than list beside it.
+WATCH_READY_SECONDS = 5.0
 _CALLS = threading.local()
 log = logging.getLogger(__name__)
 PROCESSES_ANNOTATION = "aichor.io/processes"
@@ -128,20 +133,23 @@ class KubernetesEngine(Engine):
     @property
     def api(self) -> k8s.ApiClient:
         if self._api is None:
-            configuration = k8s.Configuration()
-            try:
-                if self.config.get("in_cluster"):
-                    k8s_config.load_incluster_config(client_configuration=configuration)
-                else:
-                    k8s_config.load_kube_config(
-                        config_file=self.config.get("kubeconfig") or None,
-                        context=self.config.get("context") or None,
-                        client_configuration=configuration,
-                    )
-            except (k8s_config.ConfigException, OSError) as exc:
-                raise EngineError(f"cannot load the cluster's configuration: {exc}") from None
-            self._api = k8s.ApiClient(configuration)
+            self._api = k8s.ApiClient(self._configuration())
         return self._api
+
+    def _configuration(self) -> k8s.Configuration:
+        configuration = k8s.Configuration()
+        try:
+            if self.config.get("in_cluster"):
+                k8s_config.load_incluster_config(client_configuration=configuration)
+            else:
+                k8s_config.load_kube_config(
+                    config_file=self.config.get("kubeconfig") or None,
+                    context=self.config.get("context") or None,
+                    client_configuration=configuration,
+                )
+        except (k8s_config.ConfigException, OSError) as exc:
+            raise EngineError(f"cannot load the cluster's configuration: {exc}") from None
+        return configuration
 
     def _call(self, method: str, path: str, *, body=None, query: dict | None = None, raw: bool = False):
         _CALLS.count = getattr(_CALLS, "count", 0) + 1
@@ -313,7 +321,7 @@ class KubernetesEngine(Engine):
         if not handles:
             return {}
         watch = _PodWatch.of(self)
-        pods = watch.pods() if watch else None
+        pods = watch.pods(wait=WATCH_READY_SECONDS) if watch else None
         if pods is None:
             pods = self._pods(k8s_objects.LABEL_EXPERIMENT)
         else:
@@ -357,30 +365,112 @@ class KubernetesEngine(Engine):
         return self._read_log(handle, process, cursor, final=False)
 
     def follow(self, handle: dict, process: str, cursor=None) -> tuple[list[str], list | None]:
-        """The watcher's read, every interval: a pod that waits has no log yet, and one that
-        printed nothing lately is read less and less often (up to QUIET_MAX_SECONDS), so idle
-        processes cost no request per poll; the final read after the exit takes the rest."""
+        """The watcher's read, every interval: from one followed log stream per running pod
+        (`follow=true`, opened once, read on a thread), so a process costs one request for its
+        whole run however often it is visited, printing or not. A pod that waits has no log
+        yet; past `log_streams` open streams (engine setting, MAX_LOG_STREAMS) a process is read
+        by polling instead, quiet ones less and less often (up to QUIET_MAX_SECONDS). Opening a
+        stream and a polled read both take from LOG_READS_PER_SECOND for the whole process."""
         key = (handle["namespace"], handle["name"], process)
         phase = _PHASES.get(key[:2], {}).get(process)
         if phase == "pending":
             return [], cursor
-        due, quiet = _QUIET.get(key, (0.0, 0))
+        position = tuple(cursor or (0, 0))
+        if _DRAINED.get(key) == list(position):
+            return [], cursor  # its stream ended with the log: nothing can come after
         now = time.monotonic()
-        if now < due or not _LOG_READS.take(
-            now, float(self.config.get("log_reads_per_second") or LOG_READS_PER_SECOND)
-        ):
+        _sweep_streams(now)
+        stream = _STREAMS.get(key)
+        if stream is not None and stream.position == position and stream.exhausted():
+            if phase == "exited":
+                if stream.complete():
+                    _DRAINED[key] = list(position)
+                return [], cursor  # the final read takes what is left (an unfinished line) from it
+            # A clean end is the container's (its exit is on the watch's way; a restart is
+            # followed after QUIET_MAX_SECONDS); an error is retried, backing off.
+            due, failures = _QUIET.get(key, (0.0, 0))
+            if not due:
+                failures = 0 if stream.clean else failures + 1
+                wait = QUIET_MAX_SECONDS if stream.clean else min(QUIET_MAX_SECONDS, 2.0 ** (failures - 1))
+                _QUIET[key] = due, failures = now + wait, failures
+            if now < due:
+                return [], cursor
+            stream = None
+        elif stream is not None and stream.position != position:
+            stream = None  # another reader moved the cursor (a final read): follow from there
+        if stream is None:
+            ended = _STREAMS.pop(key, None)
+            if ended is not None:
+                ended.close()
+            if _live_streams() >= int(self.config.get("log_streams", MAX_LOG_STREAMS)):
+                return self._poll(handle, process, cursor, key, now)
+            due, failures = _QUIET.get(key, (0.0, 0))
+            if now < due or not _LOG_READS.take(now, self._log_rate()):
+                return [], cursor
+            pod = self._pod_of(handle, process)
+            if pod is None:
+                return [], cursor
+            try:
+                stream = _LogStream(self, handle["namespace"], pod, position)
+            except EngineError as exc:  # not started yet, or gone: try again later, not every visit
+                log.info("no log stream of %s/%s now: %s", handle["namespace"], pod[0], exc)
+                _QUIET[key] = (now + min(QUIET_MAX_SECONDS, 2.0**failures), failures + 1)
+                return [], cursor
+            _QUIET[key] = (0.0, failures)
+            _STREAMS[key] = stream
+        lines, taken = stream.take(LOG_BUDGET_BYTES)
+        if lines:
+            _QUIET[key] = (0.0, 0)
+            _LAST_SECOND[key] = taken[0]  # where a stash before a delete starts
+        return lines, (None if cursor is None and taken == (0, 0) else list(taken))
+
+    def _log_rate(self) -> float:
+        return float(self.config.get("log_reads_per_second") or LOG_READS_PER_SECOND)
+
+    def _poll(self, handle: dict, process: str, cursor, key: tuple, now: float) -> tuple[list[str], list | None]:
+        """A read of the log's new part, for a process without a stream (too many open)."""
+        due, quiet = _QUIET.get(key, (0.0, 0))
+        if now < due or not _LOG_READS.take(now, self._log_rate()):
             return [], cursor
         lines, cursor = self._read_log(handle, process, cursor, final=False)
         quiet = 0 if lines else min(quiet + 1, 8)
         _QUIET[key] = (now + min(QUIET_MAX_SECONDS, 0.5 * (2**quiet - 1)), quiet) if quiet else (0.0, 0)
         return lines, cursor
 
+    def _open_log_stream(self, path: str, query: dict):
+        """A followed log request, counted as one call however long it lasts."""
+        _CALLS.count = getattr(_CALLS, "count", 0) + 1
+        try:
+            return _stream_client(self).call_api(
+                path,
+                "GET",
+                query_params=list(query.items()),
+                header_params={"Accept": "text/plain"},
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=(10, LOG_STREAM_IDLE_SECONDS),
+            )
+        except ApiException as exc:
+            raise _api_error(exc) from None
+        except Exception as exc:
+            raise EngineError(f"cannot reach the Kubernetes API: {exc}") from None
+
     def unfollow(self, handle: dict) -> None:
+        """Close the streams of these processes, but an exited process's: the final read goes on
+        from it (it ends with the log; one still catching up on a burst loses nothing)."""
         if not handle.get("namespace"):
             return
         top = (handle["namespace"], handle["name"])
-        for key in [key for key in _QUIET if key[:2] == top]:
-            del _QUIET[key]
+        # Snapshots (list() of a dict is atomic): the watcher's thread follows other experiments meanwhile.
+        for key in [key for key in list(_QUIET) if key[:2] == top]:
+            _QUIET.pop(key, None)
+        for key in [key for key in list(_STREAMS) if key[:2] == top]:
+            if _PHASES.get(top, {}).get(key[2]) == "exited":
+                continue
+            stream = _STREAMS.pop(key, None)
+            if stream is not None:
+                stream.close()
 
     def final_logs(self, handle: dict, process: str, cursor) -> list[str]:
         return self._read_log(handle, process, cursor, final=True)[0]
@@ -399,6 +489,8 @@ class KubernetesEngine(Engine):
             return [], cursor
         exited = _PHASES.get(key[:2], {}).get(process) == "exited"
         stashed = _STASH.get((handle["namespace"], pod[0]))
+        if stashed is None and exited:
+            return self._drain(handle["namespace"], key, pod, cursor, final=final)
         if stashed is not None:
             body = _since(stashed, since)
             if final:
@@ -429,6 +521,43 @@ class KubernetesEngine(Engine):
         if drained:
             _DRAINED[key] = [last, count]
         return [line + "\n" for _, line in new], [last, count]
+
+    def _drain(self, namespace: str, key: tuple, pod: tuple[str, str], cursor, *, final: bool):
+        """An exited process's log after `cursor`, a budget's worth per call, through one request
+        for all of it: the stream follow() kept (it ends with the log), else a new one. Paging by
+        sinceTime cannot pass a second in which more than a read's budget was printed; a stream
+        can. `final`: everything left, the unfinished last line included."""
+        position = tuple(cursor or (0, 0))
+        stream = _STREAMS.get(key)
+        if stream is None or stream.position != position or (stream.exhausted() and not stream.clean):
+            if stream is not None:
+                _STREAMS.pop(key, None)
+                stream.close()
+            try:
+                stream = _LogStream(self, namespace, pod, position, follow=False)
+            except EngineError as exc:  # deleted meanwhile: what was stored stands
+                log.info("no logs of %s/%s now: %s", namespace, pod[0], exc)
+                return [], cursor
+            _STREAMS[key] = stream
+        lines: list[str] = []
+        while True:
+            piece, taken = stream.take(LOG_BUDGET_BYTES, wait=LOG_DRAIN_SECONDS)
+            lines += piece
+            if not (final and piece):
+                break
+        if not piece and not stream.ended:
+            log.warning("the log of %s/%s stalled for %s s: stored up to here", namespace, pod[0], LOG_DRAIN_SECONDS)
+        if not piece and stream.exhausted():
+            if final:
+                lines += stream.rest()
+            if final or stream.complete():
+                if stream.clean:
+                    _DRAINED[key] = list(stream.position)
+                _STREAMS.pop(key, None)
+                stream.close()
+        if lines:
+            _LAST_SECOND[key] = taken[0]
+        return lines, (None if cursor is None and taken == (0, 0) else list(taken))
 
     def _fetch_log(self, namespace: str, pod: tuple[str, str], since: int, limit: int) -> bytes | None:
         query = {"container": pod[1], "timestamps": "true", "limitBytes": str(limit)}
@@ -524,7 +653,12 @@ class KubernetesEngine(Engine):
 
     def cleanup(self, handle: dict) -> None:
         self.cancel(handle)
+        self.unfollow(handle)
         top = (handle["namespace"], handle["name"])
+        for key in [key for key in list(_STREAMS) if key[:2] == top]:  # the exited ones' too
+            stream = _STREAMS.pop(key, None)
+            if stream is not None:
+                stream.close()
         for pod, _container in _PODS.pop(top, {}).values():
             _STASH.pop((handle["namespace"], pod), None)
         _PHASES.pop(top, None)
@@ -554,7 +688,9 @@ class _PodWatch:
     costs no request whatever the number of experiments. It ends when nobody read it for
     IDLE_SECONDS."""
 
-    WATCH_SECONDS = 60
+    # Each watch request asks for this long (the server may end it sooner; the client-go
+    # reflector asks for 5-10 minutes): one request per engine per period while nothing breaks.
+    WATCH_SECONDS = 300
     IDLE_SECONDS = 120.0
     _all: dict[tuple, _PodWatch] = {}
     _lock = threading.Lock()
@@ -564,6 +700,8 @@ class _PodWatch:
         self.lock = threading.Lock()
         self.items: dict[str, dict] | None = None  # by uid; None until listed, or after a failure
         self.opened = 0
+        self.listed = threading.Event()  # set by the first list
+        self.waited = False
         self.read_at = time.monotonic()
         self.thread = threading.Thread(target=self.run, name="k8s-pod-watch", daemon=True)
 
@@ -580,8 +718,13 @@ class _PodWatch:
         watch.read_at = time.monotonic()
         return watch
 
-    def pods(self) -> list[dict] | None:
-        """The pods now, or None while the watch is not live (the caller lists them itself)."""
+    def pods(self, wait: float = 0.0) -> list[dict] | None:
+        """The pods now, or None while the watch is not live (the caller lists them itself).
+        A watch just started is waited for, up to `wait` seconds: its list is the one this
+        interval needs, and listing beside it would be a second."""
+        if not self.waited:
+            self.waited = True  # once: an unreachable cluster must not hold up every interval
+            self.listed.wait(wait)
         with self.lock:
             return None if self.items is None else list(self.items.values())
 
@@ -602,15 +745,26 @@ class _PodWatch:
                     with self.lock:
                         self.items = {pod["metadata"]["uid"]: pod for pod in listed.get("items", [])}
                         self.opened += 1
+                    self.listed.set()
                 version = self.follow(version)
-            except Exception as exc:  # the cluster is unreachable or the stream broke: list again
-                log.info("pod watch interrupted: %s", exc)
-                with self.lock:
-                    self.items = None
+            except ApiException as exc:
+                if exc.status != 410:
+                    self.interrupted(exc)
+                # 410 Gone: the version is older than the server's history; what is known
+                # stays good for the interval the list takes.
                 version = None
-                time.sleep(1.0)
+            except Exception as exc:  # the cluster is unreachable or the stream broke: list again
+                self.interrupted(exc)
+                version = None
         with self.lock:
             self.items = None
+
+    def interrupted(self, exc: Exception) -> None:
+        """The cluster is unreachable or the stream broke: the callers list, until a list works."""
+        log.info("pod watch interrupted: %s", exc)
+        with self.lock:
+            self.items = None
+        time.sleep(1.0)
 
     def follow(self, version: str) -> str | None:
         """Apply the events of one watch request; the version to go on from (None: list again)."""
@@ -621,6 +775,8 @@ class _PodWatch:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(self.WATCH_SECONDS),
         }
+        with self.lock:
+            self.opened += 1  # a request, whether it opens or gets 410 Gone
         response = self.engine.api.call_api(
             "/api/v1/pods",
             "GET",
@@ -631,8 +787,6 @@ class _PodWatch:
             _return_http_data_only=True,
             _request_timeout=(10, self.WATCH_SECONDS + 30),
         )
-        with self.lock:
-            self.opened += 1
         try:
             for line in iter_resp_lines(response):
                 event = json.loads(line)
@@ -704,6 +858,190 @@ _DELETED: set[tuple[str, str]] = set()
 # pods (a token bucket): past it, the processes not read wait for a later interval, and the
 # quiet back-off above makes the ones just read step aside, a round-robin.
 LOG_READS_PER_SECOND = 20.0
+
+
+# Log streams (follow(), and the final read of an exited process), by namespace, top object and
+# process: open while their process runs, kept once ended (no thread, no socket) until the
+# final read has what they hold.
+_STREAMS: dict[tuple[str, str, str], _LogStream] = {}
+_STREAMS_LOCK = threading.Lock()
+# How long the final read of an exited process waits for its stream's next line (or its end).
+LOG_DRAIN_SECONDS = 30.0
+# Open streams at most, in this process, unless the engine's `log_streams` says otherwise: one
+# thread and one connection each; the processes past it are polled.
+MAX_LOG_STREAMS = 256
+# A stream that brought nothing for this long is reconnected (a connection that died silently
+# must not leave a process unread until its exit): one request per quiet process per period.
+LOG_STREAM_IDLE_SECONDS = 600
+# A stream nobody read for this long is closed (its experiment is watched by another process now).
+LOG_STREAM_UNREAD_SECONDS = 120.0
+_SWEPT = [0.0]
+_CLIENTS: dict[tuple, k8s.ApiClient] = {}
+
+
+def _stream_client(engine: KubernetesEngine) -> k8s.ApiClient:
+    """The client log streams are opened with: its own pool, as large as the streams may be
+    many, so the engine's short requests never wait for, nor discard, a stream's connection."""
+    key = (engine.config.get("kubeconfig"), engine.config.get("context"), engine.config.get("in_cluster"))
+    with _STREAMS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            configuration = engine._configuration()
+            configuration.connection_pool_maxsize = int(engine.config.get("log_streams", MAX_LOG_STREAMS)) + 1
+            client = _CLIENTS[key] = k8s.ApiClient(configuration)
+    return client
+
+
+def _live_streams() -> int:
+    return sum(1 for stream in list(_STREAMS.values()) if not stream.ended)
+
+
+def _sweep_streams(now: float) -> None:
+    if now - _SWEPT[0] < 10.0:
+        return
+    _SWEPT[0] = now
+    for key, stream in list(_STREAMS.items()):
+        if now - stream.read_at > LOG_STREAM_UNREAD_SECONDS and _STREAMS.get(key) is stream:
+            _STREAMS.pop(key, None)
+            stream.close()
+
+
+class _LogStream:
+    """One log request for a pod's container from the cursor's second (`follow=true` while the
+    process runs), read on a daemon thread into a bounded buffer (past it, the thread waits and
+    TCP holds the kubelet back) that take() hands out in whole lines. The kubelet ends a followed
+    one when the container ends; a clean end read to the last byte is the whole log."""
+
+    BUFFER_BYTES = 2 * LOG_BUDGET_BYTES
+
+    def __init__(
+        self, engine: KubernetesEngine, namespace: str, pod: tuple[str, str], position: tuple, follow: bool = True
+    ) -> None:
+        since, taken = position
+        query = {"container": pod[1], "timestamps": "true", "follow": "true" if follow else "false"}
+        if since:
+            query["sinceTime"] = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.position = tuple(position)  # [second, taken] after the last whole line handed out
+        self.skip = taken  # lines of `since` stored already: the request repeats them
+        self.data = bytearray()
+        self.cond = threading.Condition()
+        self.ended = self.clean = self.closed = False
+        self.mid_line = False  # a line longer than a read's budget is being handed out in pieces
+        self.second = 0
+        self.read_at = time.monotonic()
+        self.response = engine._open_log_stream(f"/api/v1/namespaces/{namespace}/pods/{pod[0]}/log", query)
+        self.thread = threading.Thread(target=self._receive, name="k8s-log", daemon=True)
+        self.thread.start()
+
+    def _receive(self) -> None:
+        clean = False
+        try:
+            for chunk in self.response.stream(amt=None, decode_content=False):
+                with self.cond:
+                    while len(self.data) >= self.BUFFER_BYTES and not self.closed:
+                        self.cond.wait(1.0)
+                    if self.closed:
+                        return
+                    self.data += chunk
+                    self.cond.notify_all()
+            clean = True
+        except Exception as exc:  # a broken or timed-out connection, or close(): read again from the cursor
+            log.debug("log stream ended: %s", exc)
+        finally:
+            with self.cond:
+                self.ended, self.clean = True, clean and not self.closed
+                self.cond.notify_all()
+            self._release()
+
+    def _release(self) -> None:
+        try:
+            self.response.release_conn()
+        except Exception:  # already closed by close()
+            pass
+
+    def pending(self) -> bool:
+        """Whether take() has something to hand out now."""
+        with self.cond:
+            return self._ready()
+
+    def _ready(self) -> bool:
+        return b"\n" in self.data or len(self.data) >= LOG_BUDGET_BYTES
+
+    def rest(self) -> list[str]:
+        """Once ended: the unfinished last line, if the log ends with one."""
+        with self.cond:
+            if not self.ended or not self.data or self.skip:
+                return []
+            text = bytes(self.data).decode("utf-8", "replace")
+            self.data.clear()
+            if not self.mid_line:
+                self.second, text = _split_stamp(text)
+            self.mid_line = False
+            return [text]
+
+    def exhausted(self) -> bool:
+        """Ended, and nothing left to hand out but maybe an unfinished last line."""
+        return self.ended and not self.pending()
+
+    def complete(self) -> bool:
+        """Ended with the log's end, every byte of it handed out: the final read has nothing to add."""
+        with self.cond:
+            return self.ended and self.clean and not self.data and not self.mid_line
+
+    def take(self, budget: int, wait: float = 0.0) -> tuple[list[str], tuple]:
+        """Whole lines received, at most `budget` bytes of them, and the position after them;
+        waiting up to `wait` seconds for one (lines stored already, skipped, do not count), or
+        for the end."""
+        self.read_at = time.monotonic()
+        deadline = self.read_at + wait
+        with self.cond:
+            while True:
+                out = self._cut(budget)
+                remaining = deadline - time.monotonic()
+                # Under the lock, an end seen here comes after the last of the data: all was cut.
+                if out or self.ended or remaining <= 0:
+                    return out, self.position
+                self.cond.wait_for(lambda: self._ready() or self.ended, timeout=remaining)
+
+    def _cut(self, budget: int) -> list[str]:
+        out: list[str] = []
+        data, pos, used = self.data, 0, 0
+        while used < budget:
+            end = data.find(b"\n", pos)
+            if end < 0:
+                if len(data) - pos < budget:
+                    break  # an unfinished line: it waits for its end (or the final read)
+                end, whole = pos + budget, False
+            else:
+                whole = True
+            piece = bytes(data[pos:end])
+            pos = end + 1 if whole else end
+            used += len(piece) + 1
+            if self.skip:
+                self.skip -= whole
+                continue
+            text = piece.decode("utf-8", "replace")
+            if not self.mid_line:
+                self.second, text = _split_stamp(text)
+            self.mid_line = not whole
+            if whole:
+                since, count = self.position
+                self.position = (since, count + 1) if self.second == since else (self.second, 1)
+                text += "\n"
+            out.append(text)
+        del data[:pos]
+        self.cond.notify_all()  # room in the buffer for the receiving thread
+        return out
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        try:
+            self.response.shutdown()  # the thread's blocked read returns
+        except Exception:
+            pass
+        self._release()
 
 
 class _Bucket:

@@ -180,8 +180,9 @@ def test_log_reads_are_bounded_per_second_and_reach_every_process(on_cluster, fa
 
     names = [f"worker-{rank}" for rank in range(4)]
     experiment = on_cluster(commands={name: "while :; do echo tick; sleep 0.05; done" for name in names})
-    # The watcher's visits, every 0.1 s for 2 s, of four processes that always have output.
-    engine = KubernetesEngine({**experiment.engine.config, "log_reads_per_second": 5})
+    # The watcher's visits, every 0.1 s for 2 s, of four processes that always have output,
+    # read by polling (no streams allowed: as past MAX_LOG_STREAMS open ones).
+    engine = KubernetesEngine({**experiment.engine.config, "log_reads_per_second": 5, "log_streams": 0})
     handle, cursors, got = experiment.handle, {}, dict.fromkeys(names, 0)
     fake_k8s.request_log.clear()
     started = time.monotonic()
@@ -195,3 +196,37 @@ def test_log_reads_are_bounded_per_second_and_reach_every_process(on_cluster, fa
     # Unbounded, that is 4 reads per visit (80); bounded, 5 per second after a burst of 10.
     assert len(reads) <= 10 + 5 * 2 + 1, len(reads)
     assert all(got.values()), got
+
+
+def test_each_running_process_is_followed_through_one_log_request(on_cluster, fake_k8s):  # noqa: F811
+    import time
+
+    names = [f"worker-{rank}" for rank in range(3)]
+    counter = "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.02; done"
+    experiment = on_cluster(commands={name: counter for name in names})
+    engine = get_engine(experiment.engine)
+    handle, cursors, got = experiment.handle, {}, {name: [] for name in names}
+
+    def visit_for(seconds: float) -> None:
+        """The watcher's visits, every 0.1 s: states, then each process's new lines."""
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            engine.states({experiment.pk: handle})
+            for name in names:
+                lines, cursors[name] = engine.follow(handle, name, cursors.get(name))
+                got[name] += lines
+            time.sleep(0.1)  # the poll interval being simulated, not a wait for a condition
+
+    fake_k8s.request_log.clear()
+    visit_for(2)
+    reads = [r for r in fake_k8s.request_log if r[1].endswith("/log")]
+    # Twenty visits of three processes printing 50 lines a second: one followed request each.
+    assert len(reads) == 3 and all("follow=true" in query for _, _, query in reads), reads
+    # The watcher stops following (its slice ended) and a later one goes on from the cursors:
+    # a new request from the cursor's second, which repeats none of the stored lines.
+    engine.unfollow(handle)
+    visit_for(1.5)
+    for name in names:
+        ticks = [int(line.split()[1]) for line in got[name]]
+        assert len(ticks) > 50 and ticks == list(range(1, len(ticks) + 1)), (name, ticks[:5], len(ticks))
+    assert len([r for r in fake_k8s.request_log if r[1].endswith("/log")]) == 6

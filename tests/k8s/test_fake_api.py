@@ -270,6 +270,29 @@ def test_watch_streams_added_and_modified_from_a_resource_version(api):
     assert [(e["type"], e["object"].status.phase) for e in replayed] == [(t, phase) for t, _, phase in seen]
 
 
+def test_a_watch_from_a_version_older_than_the_history_is_gone(api, fake_k8s, monkeypatch):
+    from collections import deque
+
+    core = client.CoreV1Api(api)
+    old = core.list_namespaced_config_map(NS).metadata.resource_version
+    monkeypatch.setattr(fake_k8s.store, "history", deque(maxlen=3))  # the server keeps 3 changes
+    for i in range(5):
+        core.create_namespaced_config_map(NS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"c{i}"}})
+    with pytest.raises(ApiException) as gone:
+        core.list_namespaced_config_map(NS, watch=True, resource_version=old, timeout_seconds=1, _preload_content=False)
+    assert gone.value.status == 410 and error_body(gone.value)["reason"] == "Expired"
+    # A client lists again and watches from the list's version: the next change, then a
+    # bookmark with the version to go on from when the request ends.
+    listed = core.list_namespaced_config_map(NS).metadata.resource_version
+    core.create_namespaced_config_map(NS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c5"}})
+    response = core.list_namespaced_config_map(
+        NS, watch=True, resource_version=listed, allow_watch_bookmarks=True, timeout_seconds=1, _preload_content=False
+    )
+    events = [json.loads(line) for line in response.data.splitlines()]
+    assert [(e["type"], e["object"]["metadata"].get("name")) for e in events] == [("ADDED", "c5"), ("BOOKMARK", None)]
+    assert int(events[-1]["object"]["metadata"]["resourceVersion"]) > int(listed)
+
+
 def test_pytorchjob_pods_get_ranks_and_world_size(api):
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     command = "echo RANK=$RANK WORLD_SIZE=$WORLD_SIZE MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"

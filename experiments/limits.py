@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 MAX_PROCESSES = "max_processes_per_experiment"
 MAX_RUNNING = "max_running_experiments_per_project"
+# Completions of one experiment a single-host engine plans (not runs) at once: see check_started.
+MAX_PLANNED_COMPLETIONS = 10_000
 
 DEFAULTS: dict[str, int] = {
     # Fits the largest of AIchor's public demos: 10 jobs × 10 completions, parallelisms 2.
@@ -78,16 +80,17 @@ def check_processes(manifest: Manifest, engine: Engine) -> str | None:
 
 
 def check_started(manifest: Manifest, engine: Engine) -> str | None:
-    """What a single-host engine really starts: it runs every completion of a jobset group at
-    once (it does not yet hold completions back to `parallelisms`), so the limit bounds that
-    number too, before anything is planned."""
+    """What a single-host engine plans when it submits: every completion of a jobset is named
+    and planned up front (the docker engine creates its container, the local engine writes its
+    plan), though only `parallelisms` of each job run at once, and those alone count against
+    the process limit (checked at Cloning). So the planned ones have a bound of their own,
+    before anything is planned: a manifest of a million completions costs nothing."""
     if manifest.spec.operator != "jobset":
         return None
-    limit = engine_limit(engine, MAX_PROCESSES)
     total = sum(group.count * group.completions for group in manifest.spec.groups)
-    if total <= limit:
+    if total <= MAX_PLANNED_COMPLETIONS:
         return None
     return (
-        f"spec.types: engine {engine.name} starts every completion at once, {total} processes, over its "
-        f"limit of {limit} ({MAX_PROCESSES})"
+        f"spec.types: engine {engine.name} plans every completion when it submits, {total} completions, over "
+        f"the {MAX_PLANNED_COMPLETIONS} a single host plans (only parallelisms of them run at once)"
     )

@@ -216,6 +216,8 @@ def _live_context(request: HttpRequest, experiment: Experiment) -> dict:
         # Resubmit offers the project's engines, the original's first chosen.
         "resubmit_engines": list(experiment.project.engines.all()) if experiment.is_terminal else [],
         "poll": not experiment.is_terminal,
+        # The watcher's count of a jobset's held-back completions (`completed 37/100`).
+        "progress": (experiment.watch_state or {}).get("progress", "") if experiment.status in ACTIVE_STATUSES else "",
         **_terminal_context(request, experiment),
     }
 

@@ -80,8 +80,9 @@ class ExecSession:
 class Engine:
     kind: str = ""
     needs_image = True
-    # Whether a jobset's completions run `parallelisms` at a time (a cluster's Indexed Job does);
-    # a single host starts them all at once, and the process limit must count them all.
+    # Whether a jobset's completions are made only as they start (a cluster's Indexed Job); a
+    # single host plans them all when it submits (running `parallelisms` of each job at a time),
+    # so limits.check_started bounds how many it plans.
     holds_back_completions = False
 
     def __init__(self, config: dict | None = None) -> None:
@@ -131,6 +132,11 @@ class Engine:
     def status(self, handle: dict) -> list[ProcessState]:
         """Each process's phase, and its exit code once it exited."""
         raise NotImplementedError
+
+    def progress(self, handle: dict, states: list[ProcessState]) -> str:
+        """How far a workload's jobs are when completions run `parallelisms` at a time
+        (`completed 37/100`), for the experiment page; "" when the engine cannot tell."""
+        return ""
 
     def states(self, handles: dict[str, dict]) -> dict[str, list[ProcessState]]:
         """The processes' states of many experiments (experiment id -> handle) at once, for the

@@ -3,6 +3,7 @@ trying aichor on a laptop. Each process runs detached under a tiny shell wrapper
 its exit code in a file, so a restarted worker can still tell how it ended."""
 
 import codecs
+import contextlib
 import fcntl
 import ipaddress
 import json
@@ -15,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 from pathlib import Path
 
@@ -28,8 +30,10 @@ from experiments.engines.single_host import (
     SingleHostEngine,
     bucket_dir,
     described,
+    held_back,
     shared_volume,
     tell_progress,
+    to_start,
 )
 from experiments.workload import Volume, Workload
 
@@ -37,10 +41,6 @@ from experiments.workload import Volume, Workload
 _children: dict[int, subprocess.Popen] = {}
 
 WRAPPER = 'sh -c "$0" > "$1" 2>&1; code=$?; echo $code > "$2.tmp"; mv "$2.tmp" "$2"'
-# A jobset completion held back to its job's parallelism waits for the exit file ($3) of the
-# completion `parallelisms` places before it: so at most that many of a job run at once, and
-# each starts as one ends. Cancel kills the waiting shell with the rest.
-WAITING_WRAPPER = 'while [ ! -e "$3" ]; do sleep 0.2; done; ' + WRAPPER
 
 # All a local process inherits from the server: enough to find programs and keep the user's
 # locale. Never more: the server's environment holds its secret key and database URL.
@@ -97,38 +97,65 @@ class LocalEngine(SingleHostEngine):
         if any(v.kind == "shared" for v in workload.volumes):
             (root / "shared").mkdir(exist_ok=True)
         cwd = self._code_dir(workload, root)
-        after = waits_for(processes)
+        (root / "cwd").write_text(str(cwd))
+        path = self._path()
+        if workload.operator == "kuberay":
+            # Ray's session folder (logs, sockets, the address file) is the experiment's, not
+            # the host's shared /tmp/ray, and only the server's user's: cleanup() removes it.
+            shutil.rmtree(ray_dir(experiment_id), ignore_errors=True)
+            try:
+                ray_dir(experiment_id).mkdir(mode=0o700)
+            except OSError as exc:
+                raise EngineError(f"cannot make the Ray folder {ray_dir(experiment_id)}: {exc}") from None
+            path["RAY_TMPDIR"] = str(ray_dir(experiment_id))
         pids = {}
+        held = 0
         for proc in processes:
             if cancelled():
-                self.cancel({"pids": pids})
+                self.cancel({"dir": str(root), "pids": pids})
                 shutil.rmtree(root, ignore_errors=True)
                 raise Cancelled()
-            env = {**clean_environment(), **proc.env}
-            wrapper = [WRAPPER, proc.command, str(root / f"{proc.name}.log"), str(root / f"{proc.name}.exit")]
-            if proc.name in after:
-                wrapper = [WAITING_WRAPPER, *wrapper[1:], str(root / f"{after[proc.name]}.exit")]
-            child = subprocess.Popen(
-                ["sh", "-c", *wrapper],
-                cwd=str(cwd),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            _children[child.pid] = child
-            pids[proc.name] = child.pid
-            log(f"started {proc.name} as pid {child.pid}\n")
-        # With each process's role, decisiveness and the completion it waits for: find() must
-        # tell them again after a restart.
-        lines = [
-            f"{p.name} {pids[p.name]} {p.role or '-'} {int(p.decisive)} {after.get(p.name, '-')}\n" for p in processes
-        ]
+            if held_back(proc, processes):
+                # Not a process yet (so not one against the process limit): status() starts it
+                # from its plan once an earlier completion of its job ends. The plan holds the
+                # environment, secrets included: the server's user alone reads it.
+                env = {**path, **proc.env}
+                _write_private(root / f"{proc.name}.plan", json.dumps({"command": proc.command, "env": env}))
+                pids[proc.name] = 0
+                held += 1
+                continue
+            pids[proc.name] = _spawn(root, cwd, proc.name, proc.command, {**path, **proc.env})
+            log(f"started {proc.name} as pid {pids[proc.name]}\n")
+        if held:
+            log(f"{held} completion(s) wait for their job's parallelisms\n")
+        # With each process's role and decisiveness: find() must tell them again after a restart.
+        lines = [f"{p.name} {pids[p.name]} {p.role or '-'} {int(p.decisive)} -\n" for p in processes]
         (root / "handle").write_text("".join(lines))
         plan = described(processes)
         (root / "queues.json").write_text(json.dumps(plan.get("queues", {})))
-        return {"dir": str(root), "pids": pids, "after": after, **plan}
+        return {"dir": str(root), "pids": pids, **plan}
+
+    def ray_node_options(self, workload: Workload, node: int) -> dict[str, str]:
+        # The nodes of a local Ray cluster share one session folder, where Ray names each node's
+        # sockets by trying names in turn: nodes starting together took the same ones (and the
+        # head died). So each node's are named here, in a folder short enough for a socket path.
+        sockets = ray_dir(workload.experiment_id)
+        return {
+            "plasma-store-socket-name": f"{sockets}/node-{node}.plasma",
+            "raylet-socket-name": f"{sockets}/node-{node}.raylet",
+        }
+
+    def _path(self) -> dict[str, str]:
+        """PATH with the engine's `path` folders first (config: a list, or a string like PATH),
+        so the processes find the programs of a virtualenv (Ray for kuberay manifests) without
+        the server running in it; {} without any. spec.env's PATH still wins."""
+        folders = self.config.get("path") or []
+        if isinstance(folders, str):
+            folders = folders.split(os.pathsep)
+        folders = [str(folder) for folder in folders if folder]
+        if not folders:
+            return {}
+        return {"PATH": os.pathsep.join([*folders, clean_environment()["PATH"]])}
 
     def _code_dir(self, workload: Workload, root: Path) -> Path:
         """builder.context inside the clone step's scratch folder (pipeline.common.workdir_of):
@@ -163,11 +190,15 @@ class LocalEngine(SingleHostEngine):
     def status(self, handle: dict) -> list[ProcessState]:
         root = Path(handle["dir"])
         states = []
+        # A handle made before held-back completions were plans names, for each, the completion
+        # its polling shell waited for.
         after = handle.get("after") or {}
-        for name, pid in handle.get("pids", {}).items():
+        for name, pid in _pids(handle).items():
             exit_file = root / f"{name}.exit"
             if exit_file.exists():
                 states.append(ProcessState(name, "exited", int(exit_file.read_text().strip() or -1)))
+            elif not pid and (root / f"{name}.plan").exists():
+                states.append(ProcessState(name, "pending"))
             elif not (pid and _alive(pid)):
                 states.append(ProcessState(name, "missing"))
             elif name in after and not (root / f"{after[name]}.exit").exists():
@@ -175,8 +206,31 @@ class LocalEngine(SingleHostEngine):
             else:
                 states.append(ProcessState(name, "running"))
         if handle.get("queues"):
-            tell_progress(handle, states)
+            self._advance(handle, states)
         return states
+
+    def _advance(self, handle: dict, states: list[ProcessState]) -> None:
+        """Start the held-back completions there is room for now (the watcher asks every
+        interval, so the next starts at most an interval after one ended), under the
+        experiment's lock: a second caller, or a cancel, must not race the start."""
+        root = Path(handle["dir"])
+        phases = {s.name: s.phase for s in states}
+        names = [name for name in to_start(handle, phases) if not handle["pids"].get(name)]
+        if names:
+            with _locked(root):
+                for name in names:
+                    if (root / "stopped").exists() or _started_pid(root, name):
+                        continue  # cancelled, or started by another caller meanwhile
+                    try:
+                        plan = json.loads((root / f"{name}.plan").read_text())
+                        cwd = (root / "cwd").read_text()
+                    except OSError:
+                        continue  # cleaned up under us: reported missing next time
+                    handle["pids"][name] = _spawn(root, Path(cwd), name, plan["command"], plan["env"])
+                    phases[name] = "running"
+        for state in states:
+            state.phase = phases.get(state.name, state.phase)
+        tell_progress(handle, states)
 
     def logs(self, handle: dict, process: str, cursor: int | None = None) -> tuple[list[str], int | None]:
         path = Path(handle["dir"]) / f"{process}.log"
@@ -210,7 +264,7 @@ class LocalEngine(SingleHostEngine):
         return lines
 
     def exec(self, handle: dict, process: str, *, command: list[str], tty: bool = True) -> ExecSession:
-        pid = handle.get("pids", {}).get(process)
+        pid = _pids(handle).get(process)
         if not pid or not _alive(pid):
             raise EngineError(f"process {process} is not running")
         return LocalPtySession(command, cwd=handle["dir"], env=_environment_of(pid))
@@ -221,7 +275,7 @@ class LocalEngine(SingleHostEngine):
         the server's Redis or PostgreSQL."""
         if process not in handle.get("pids", {}):
             raise EngineError(f"no process named {process}")
-        address = _listening_address(port, _process_tree(handle.get("pids", {}).values()))
+        address = _listening_address(port, _process_tree(_pids(handle).values()))
         if address is None:
             raise EngineError(f"no process of this experiment listens on port {port}")
         try:
@@ -231,7 +285,15 @@ class LocalEngine(SingleHostEngine):
         return LocalSocketSession(sock)
 
     def cancel(self, handle: dict) -> None:
-        for pid in handle.get("pids", {}).values():
+        pids = handle.get("pids", {}).values()
+        root = Path(handle["dir"]) if handle.get("dir") else None
+        if root and root.is_dir():
+            # Nothing held back starts after this (status() looks under the same lock), and the
+            # ones started since the handle was recorded are killed with the rest.
+            with _locked(root):
+                (root / "stopped").touch()
+                pids = _pids(handle).values()
+        for pid in pids:
             if not pid:
                 continue
             for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -245,20 +307,56 @@ class LocalEngine(SingleHostEngine):
 
     def cleanup(self, handle: dict) -> None:
         shutil.rmtree(handle["dir"], ignore_errors=True)
+        shutil.rmtree(ray_dir(Path(handle["dir"]).name), ignore_errors=True)
 
 
-def waits_for(processes: list[ProcessSpec]) -> dict[str, str]:
-    """Each held-back completion and the one `parallelism` places before it in its job."""
-    after = {}
-    queues: dict[str, list[ProcessSpec]] = {}
-    for p in processes:
-        if p.queue:
-            queues.setdefault(p.queue, []).append(p)
-    for queue in queues.values():
-        for index, p in enumerate(queue):
-            if index >= p.parallelism:
-                after[p.name] = queue[index - p.parallelism].name
-    return after
+def ray_dir(experiment_id: str) -> Path:
+    """A kuberay experiment's Ray folder: its sockets' paths must stay under 108 bytes."""
+    return Path(tempfile.gettempdir()) / f"aichor-ray-{experiment_id}"
+
+
+def _spawn(root: Path, cwd: Path, name: str, command: str, env: dict[str, str]) -> int:
+    """Start one process detached, in its own session (cancel kills the group), and record its
+    pid beside its log: a held-back completion's pid is not in the recorded handle."""
+    child = subprocess.Popen(
+        ["sh", "-c", WRAPPER, command, str(root / f"{name}.log"), str(root / f"{name}.exit")],
+        cwd=str(cwd),
+        env={**clean_environment(), **env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    _children[child.pid] = child
+    (root / f"{name}.pid").write_text(str(child.pid))
+    return child.pid
+
+
+def _started_pid(root: Path, name: str) -> int:
+    try:
+        return int((root / f"{name}.pid").read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _pids(handle: dict) -> dict[str, int]:
+    """Every process's pid, 0 for a completion still held back: the recorded handle has 0 for
+    every held-back one, whoever started it since."""
+    root = Path(handle["dir"]) if handle.get("dir") else None
+    return {name: pid or (_started_pid(root, name) if root else 0) for name, pid in (handle.get("pids") or {}).items()}
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    with open(root / "lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
 
 
 def _alive(pid: int) -> bool:

@@ -108,9 +108,11 @@ def _first(workload: Workload, *names: str) -> Group | None:
     return next((g for name in names for g in workload.groups if g.name == name and g.role != "ray-worker"), None)
 
 
-def plan_processes(workload: Workload, *, host: str, ports: list[int]) -> list[ProcessSpec]:
+def plan_processes(
+    workload: Workload, *, host: str, ports: list[int], ray_node: Callable[[int], dict] | None = None
+) -> list[ProcessSpec]:
     """`host` is the address processes use to reach each other; `ports` are free ports for
-    coordinators."""
+    coordinators; `ray_node(n)` the engine's own `ray start` options of the n-th Ray node."""
     operator, command, env = workload.operator, workload.command, workload.env
 
     def proc(name: str, extra: dict, group: Group, cmd: str = command) -> ProcessSpec:
@@ -163,7 +165,7 @@ def plan_processes(workload: Workload, *, host: str, ports: list[int]) -> list[P
         return processes
 
     if operator == "kuberay":
-        return _ray_processes(workload, host, ports, proc)
+        return _ray_processes(workload, host, ports, proc, ray_node or (lambda node: {}))
 
     if operator == "tf":
         return _tf_processes(workload, host, ports, proc)
@@ -207,7 +209,7 @@ def ray_start_flags(params: dict[str, str]) -> list[str]:
 
 
 def _ray_processes(
-    workload: Workload, host: str, ports: list[int], proc: Callable[..., ProcessSpec]
+    workload: Workload, host: str, ports: list[int], proc: Callable[..., ProcessSpec], ray_node: Callable[[int], dict]
 ) -> list[ProcessSpec]:
     """A Ray cluster as KubeRay makes it: the head (`ray start --head` with its rayStartParams),
     the worker pools joining it, and a submitter that runs `spec.command` as a Ray job through
@@ -223,11 +225,13 @@ def _ray_processes(
     # RAY_SERVER: the name older AIchor code passes to ray.init(address=...).
     ray = {"RAY_ADDRESS": address, "RAY_SERVER": address}
     agent = iter(agents)
+    nodes = iter(range(1 + sum(g.replicas for g in workload.groups if g.role == "ray-worker")))
 
     def start(group: Group, first: str, ours: dict[str, object]) -> str:
         port = next(agent, 0)
         if port:
             ours["dashboard-agent-listen-port"] = port
+        ours |= ray_node(next(nodes))
         ours = {k: v for k, v in ours.items() if v and k not in group.ray_start_params}
         flags = [*(f"--{k}={v}" for k, v in ours.items()), *ray_start_flags(group.ray_start_params)]
         # --block keeps `ray start` in the foreground: the process lives as long as the node.
@@ -348,9 +352,9 @@ class SingleHostEngine(Engine):
 
     # The handle's key of {process name: what runs it} (container ids, pids).
     targets_key = ""
-    # Completions held back to `parallelisms` are still made up front (a created container, a
-    # waiting shell), so the process limit counts every one of them: holds_back_completions
-    # stays False.
+    # Completions held back to `parallelisms` are planned up front (a created container, a
+    # written plan) but run only as earlier ones end: only the running ones count against the
+    # process limit; holds_back_completions stays False for check_started's bound on the plans.
 
     def warnings_for(self, workload: Workload) -> list[str]:
         warnings = [UNSERVED[name].format(kind=self.kind) for name in sorted(workload.features) if name in UNSERVED]
@@ -363,7 +367,9 @@ class SingleHostEngine(Engine):
 
     def submit(self, workload: Workload, *, log: Callable[[str], None], cancelled: Callable[[], bool] = never) -> dict:
         bucket_dirs(workload)
-        processes = plan_processes(workload, host=HOST, ports=self.ports(workload))
+        processes = plan_processes(
+            workload, host=HOST, ports=self.ports(workload), ray_node=lambda node: self.ray_node_options(workload, node)
+        )
         shared = shared_volume(workload)
         if shared:
             for process in processes:
@@ -374,6 +380,11 @@ class SingleHostEngine(Engine):
     def ports(self, workload: Workload) -> list[int]:
         """The coordinators' ports (see plan_processes): free ones of this host by default."""
         return free_ports(ports_needed(workload))
+
+    def ray_node_options(self, workload: Workload, node: int) -> dict[str, str]:
+        """`ray start` options this engine gives the n-th Ray node (0: the head), unless its
+        rayStartParams set them."""
+        return {}
 
     def shared_path(self, workload: Workload, volume: Volume) -> str:
         """Where the processes of `workload` find its shared volume."""
@@ -396,6 +407,9 @@ class SingleHostEngine(Engine):
     ) -> dict:
         """Start `processes`; the handle includes `described(processes)`."""
         raise NotImplementedError
+
+    def progress(self, handle: dict, states: list[ProcessState]) -> str:
+        return progress(handle, {s.name: s.phase for s in states})
 
     def processes(self, handle: dict) -> list[ProcessInfo]:
         roles = handle.get("roles") or {}

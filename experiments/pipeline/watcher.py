@@ -250,15 +250,19 @@ class Watcher:
     def tell_waiting(self, experiment_id: UUID, states: list[ProcessState]) -> None:
         """Why processes wait (a pod unschedulable for want of GPUs, an image that cannot be
         pulled), in the Running step log, once per new reason: a query only when one changed."""
-        state = self.known[experiment_id].state
+        watched = self.known[experiment_id]
+        state = watched.state
         reasons = {s.name: s.reason for s in states if s.phase == "pending" and s.reason}
         told = state.get("waiting", {})
-        if reasons == told:
+        # How far held-back completions are (`completed 37/100`), for the experiment page.
+        progress = self.engine.progress(watched.handle or {}, states)
+        if reasons == told and progress == state.get("progress", ""):
             return
         for name, reason in sorted(reasons.items()):
             if told.get(name) != reason:
                 services.step_log(experiment_id, StepName.RUNNING, f"{name} is waiting: {reason}")
         state["waiting"] = reasons
+        state["progress"] = progress
         services.save_watch_state(experiment_id, state)
 
     def follow_logs(self, running: list[UUID]) -> None:

@@ -1,12 +1,14 @@
-"""A Python image with real Ray from PyPI, for the KubeRay tests: no registry is reachable, so
-a Debian root made by debootstrap is imported, then Ray is pip installed into it. Both images
-are tagged by a hash of what made them, so a machine builds them once and reuses them."""
+"""Real Ray from PyPI for the KubeRay tests. For the docker engine, a Python image: no registry is
+reachable, so a Debian root made by debootstrap is imported, then Ray is pip installed into it.
+For the local engine, a virtualenv of the test's own Python. Each is named by a hash of what made
+it, so a machine builds it once and reuses it."""
 
 import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,6 +27,9 @@ WORKDIR /app
 """
 CA_BUNDLE = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt"
 _LOCK = Path(tempfile.gettempdir()) / "aichor-ray-image.lock"
+RAY_REQUIREMENT = f"ray[default]=={RAY_VERSION}"
+# Outside /tmp, which tests and benchmarks sweep: the venv is worth keeping between runs.
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aichor-test"
 
 
 def _tag(repository: str, *parts: str) -> str:
@@ -79,3 +84,31 @@ def _import_base(tag: str) -> None:
         tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
         subprocess.run(["docker", "import", "-", tag], stdin=tar.stdout, check=True, capture_output=True)
         tar.wait()
+
+
+def ray_venv() -> Path:
+    """A virtualenv with `ray[default]` for the local engine's processes (its `bin` goes first
+    on their PATH); built on first use, keyed by the interpreter and the pinned requirement.
+    A venv cannot be moved (its scripts name their interpreter), so it is built in place and
+    marked complete last: a half-built one is built again."""
+    venv = CACHE_DIR / _tag("ray-venv", sys.base_prefix, sys.version, RAY_REQUIREMENT).replace(":", "-")
+    done = venv / ".complete"
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with (CACHE_DIR / "ray-venv.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return venv
+        shutil.rmtree(venv, ignore_errors=True)
+        made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+        if made.returncode:
+            unavailable(f"cannot make the Ray virtualenv: {made.stderr[-2000:]}")
+        installed = subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "--no-cache-dir", "--cert", CA_BUNDLE, RAY_REQUIREMENT],
+            capture_output=True,
+            text=True,
+        )
+        if installed.returncode:
+            shutil.rmtree(venv, ignore_errors=True)
+            unavailable(f"cannot pip install {RAY_REQUIREMENT}: {installed.stdout[-1000:]}{installed.stderr[-2000:]}")
+        done.write_text(RAY_REQUIREMENT)
+    return venv

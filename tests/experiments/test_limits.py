@@ -3,6 +3,7 @@ when the manifest is validated, and running experiments per project, over which 
 wait in Waiting with the reason shown and start in order."""
 
 import logging
+import re
 import threading
 from datetime import timedelta
 
@@ -83,15 +84,20 @@ def test_processes_at_once_follow_each_operator(operator, types, expected):
     assert sum(count for _path, count in processes_at_once(manifest)) == expected
 
 
-def test_a_single_host_start_counts_every_completion_of_the_manifest(local_engine):
-    # 20 jobs × 10 completions, 2 at a time: 40 by the manifest, 200 on a host that starts them all.
+def test_a_single_host_counts_only_the_completions_running_at_once(local_engine):
+    # 20 jobs × 10 completions, 2 at a time: 40 run at once, on a single host as on a cluster;
+    # the other 160 are planned, not started, until earlier ones end.
     manifest = parse_manifest(
         manifest_yaml("true", operator="jobset", types=jobset(20, completions=10, parallelisms=2))
     )
     assert check_processes(manifest, local_engine) is None
-    assert check_started(manifest, local_engine) == (
-        "spec.types: engine local starts every completion at once, 200 processes, "
-        "over its limit of 128 (max_processes_per_experiment)"
+    assert check_started(manifest, local_engine) is None
+    # Planning is bounded on its own: every completion is named and planned when it submits.
+    huge = parse_manifest(manifest_yaml("true", operator="jobset", types=jobset(1, completions=10001)))
+    assert check_processes(huge, local_engine) is None
+    assert check_started(huge, local_engine) == (
+        "spec.types: engine local plans every completion when it submits, 10001 completions, over the 10000 "
+        "a single host plans (only parallelisms of them run at once)"
     )
     pytorch = parse_manifest(manifest_yaml("true", operator="pytorch", types=types_of(worker="      count: 200\n")))
     assert check_started(pytorch, local_engine) is None  # counted whole at Cloning already
@@ -368,19 +374,39 @@ def test_reconcile_rechecks_a_waiting_experiment_quietly_and_starts_it_when_a_sl
     assert (second.status, second.current_step, second.waiting_reason) == (Status.PROCESSING, StepName.CLONING, "")
 
 
-def test_single_host_engine_counts_every_completion_it_would_start(project, local_engine, git_repo, monkeypatch):
-    # 20 jobs × 10 completions, 2 at a time: 40 by the manifest's count, but a single host
-    # starts all 200 at once, so Submitting refuses before planning or starting any of them.
-    planned = []
-    monkeypatch.setattr("experiments.engines.single_host.plan_processes", lambda *a, **k: planned.append(1) or [])
-    experiment = queued(project, git_repo, operator="jobset", types=jobset(20, completions=10, parallelisms=2))
-    pipeline.run_clone(experiment.pk)
-    pipeline.run_build(experiment.pk)
-    pipeline.run_submit(experiment.pk)
-    experiment.refresh_from_db()
-    assert experiment.status == Status.FAILED and experiment.current_step == StepName.SUBMITTING
-    assert experiment.failure_reason == (
-        "Submitting failed: spec.types: engine local starts every completion at once, 200 processes, "
-        "over its limit of 128 (max_processes_per_experiment)"
-    )
-    assert not planned
+def test_a_hundred_completions_two_at_a_time_run_under_a_limit_of_two(
+    client, member_user, project, local_engine, git_repo, celery_worker_thread
+):
+    # 100 completions, 2 at a time: 2 processes at once, so an engine allowing 2 runs them all,
+    # never more than 2 at a time, and the experiment page tells how far the job is.
+    set_engine_config(local_engine, max_processes_per_experiment=2)
+    command = 'echo "start=$(date +%s.%N)"; sleep 0.05; echo "end=$(date +%s.%N)"'
+    message = "aichor[train.yaml]: a hundred completions"
+    manifest = manifest_yaml(command, operator="jobset", types=jobset(1, completions=100, parallelisms=2))
+    sha = git_repo.commit({MANIFEST: manifest, "Dockerfile": "FROM scratch\n"}, message)
+    response = github_push(client, project, sha=sha, message=message)
+    assert response.status_code == 201, response.content
+    experiment_id = response.json()["experiment"]
+    client.force_login(member_user)
+
+    def told_progress() -> int | None:
+        html = client.get(f"/experiments/{experiment_id}/", HTTP_HX_REQUEST="true").content.decode()
+        found = re.search(r'id="process-progress">Processes: completed (\d+)/100<', html)
+        return found and int(found.group(1))
+
+    seen = wait_for(told_progress, timeout=120, message="the live section to tell the completions' progress")
+    assert wait_for(lambda: (n := told_progress()) and n > seen and n, timeout=120, message="the progress to grow")
+    experiment = ended(experiment_id)
+    assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
+    spans = []
+    for completion in range(100):
+        output = logs.log_text(experiment.pk, f"process:workers-0-{completion}")
+        fields = dict(part.split("=", 1) for part in output.split() if "=" in part)
+        spans.append((float(fields["start"]), float(fields["end"])))
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = [0]
+    for _, step in edges:  # an end sorts before a start at the same instant
+        running.append(running[-1] + step)
+    assert max(running) == 2
+    # Once the experiment has ended the page no longer tells a progress.
+    assert "process-progress" not in client.get(f"/experiments/{experiment_id}/").content.decode()

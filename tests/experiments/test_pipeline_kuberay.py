@@ -18,6 +18,8 @@ import os
 import time
 
 import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 ray.init(address=os.environ["RAY_SERVER"])
 deadline = time.monotonic() + 90
@@ -25,13 +27,25 @@ while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.monotonic() < dea
     time.sleep(0.5)
 
 
-@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+@ray.remote(num_cpus=1)
 def node_of(i):
-    time.sleep(0.5)
     return ray.get_runtime_context().get_node_id()
 
 
-nodes = set(ray.get([node_of.remote(i) for i in range(8)]))
+# One CPU on each of two different nodes (SPREAD alone is best effort: on a busy machine one
+# worker could take every task). The head offers no CPU, so these are the two workers.
+group = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD")
+ray.get(group.ready(), timeout=120)
+nodes = set(
+    ray.get(
+        [
+            node_of.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+            ).remote(i)
+            for i in range(2)
+        ]
+    )
+)
 print("nodes", len([n for n in ray.nodes() if n["Alive"]]))
 print("task nodes", len(nodes))
 print("cwd", os.getcwd())

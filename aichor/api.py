@@ -9,6 +9,8 @@ from ninja.security import APIKeyCookie, HttpBearer
 
 from experiments.api import router as experiments_router
 from experiments.services import ExperimentError
+from experiments.upload_api import router as upload_router
+from metrics.api import router as metrics_router
 from projects.api import router as projects_router
 from projects.tokens import authenticate_token
 
@@ -46,6 +48,9 @@ api = NinjaAPI(
 )
 api.add_router("/", projects_router)
 api.add_router("/", experiments_router)
+# After the experiments' own routes, as when they were mounted inside them.
+api.add_router("/", metrics_router)
+api.add_router("/", upload_router)
 
 
 @api.exception_handler(ExperimentError)

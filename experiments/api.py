@@ -351,9 +351,3 @@ async def _log_text(experiment_id, stream: str | None, follow: bool):
         if ended:
             return
         await asyncio.sleep(FOLLOW_POLL_SECONDS)
-
-
-# Imported last: metrics reads experiments' models and access helpers.
-from metrics.api import router as metrics_router  # noqa: E402
-
-router.add_router("/", metrics_router)

@@ -9,7 +9,10 @@ socket (its flow control), so memory stays bounded whatever the size.
 The route keeps the REST API's contract (and stays documented in its OpenAPI schema, see
 experiments/api.py): Bearer token, projects.access (outsider 404), the same query parameters,
 201 with the experiment as JSON (202 when the task queue is down: reconcile starts it later), 409 for an engine the project lacks or an empty archive, 413
-past settings.MAX_ARCHIVE_BYTES (declared or discovered while streaming)."""
+past settings.MAX_ARCHIVE_BYTES (declared or discovered while streaming).
+
+This is the filesystem backend's path (and an older CLI's): on the S3 backend the CLI sends the
+archive straight to the archive bucket instead (experiments.multipart, experiments.upload_api)."""
 
 import asyncio
 import json

@@ -2,9 +2,11 @@
 commit, follow, cancel and resubmit experiments, and forward a port into a running one."""
 
 import asyncio
+import hashlib
 import json
 import shlex
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -14,9 +16,10 @@ from tqdm import tqdm
 
 from aichor.cli import config
 from aichor.cli.client import Client, CliError, server_url
-from aichor.cli.pack import TreeChanged, iter_files, plan_tar, send_tar
+from aichor.cli.pack import Layout, TreeChanged, iter_files, plan_tar, send_tar
 from aichor.cli.scaffold import DEFAULT_BASE_IMAGE, init_repo
 from aichor.cli.scaffold import OPERATORS as SCAFFOLD_OPERATORS
+from aichor.cli.upload import Upload, fingerprint
 from experiments.manifest import ManifestError, parse_manifest
 
 DEFAULT_MANIFEST = "aichor_manifests/manifest.yaml"
@@ -196,28 +199,75 @@ def submit_local(repo_dir: Path, message: str, manifest_path: str | None, as_jso
     files = list(iter_files(repo_dir))
     if manifest_path not in files:
         raise CliError(f"manifest {manifest_path} is excluded by a .gitignore")
-    members, length = plan_tar(repo_dir, files)
+    headers_digest = hashlib.sha256()
+    members, length = plan_tar(repo_dir, files, headers_digest)
     params = {"manifest_path": manifest_path, "message": message}
     if cfg.get("engine"):
         params["engine"] = cfg["engine"]
+    started = client.post(
+        f"/projects/{slug}/experiments/uploads",
+        json={**params, "size": length, "fingerprint": fingerprint(headers_digest, length)},
+        not_found=f"no project {slug}",
+    )
+    if started["method"] == "multipart":
+        experiment = send_to_object_storage(client, slug, Layout(members, length), started, params)
+    else:
+        experiment = stream_to_server(client, slug, members, length, params)
+    emit(experiment, as_json, f"Submitted {experiment['id']} ({len(files)} files)")
+
+
+def progress_bar(total: int, initial: int = 0) -> tqdm:
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="upload",
+        file=sys.stderr,
+    )
+
+
+def send_to_object_storage(client: Client, slug: str, layout: Layout, started: dict, params: dict) -> dict:
+    """The archive in parts straight to object storage, then completed by the server."""
+    upload = Upload(client, slug, layout, started)
+    resumed = upload.resumed_bytes()
+    if resumed:
+        click.echo(
+            f"resuming an interrupted upload: {len(upload.held)} of {upload.parts} parts already uploaded",
+            err=True,
+        )
+    bar = progress_bar(layout.total, resumed)
+    lock = threading.Lock()
+
+    def progress(n: int) -> None:
+        with lock:
+            bar.update(n)
+
+    try:
+        digests = upload.send(progress)
+    except TreeChanged as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        bar.close()
+    return client.post(
+        f"{upload.path}/complete",
+        json={**params, "parts": [{"number": n, "sha256": d} for n, d in sorted(digests.items())]},
+        not_found="the upload was refused: run the command again",
+    )
+
+
+def stream_to_server(client: Client, slug: str, members, length: int, params: dict) -> dict:
+    """The archive as one request body to the server, which stores it (filesystem backend)."""
     bars: list[tqdm] = []
 
     def send(sock) -> None:
         # The bar appears once the server has said go on: a refusal up front prints one line.
-        bars.append(
-            tqdm(
-                total=sum(m.size for m in members),
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc="upload",
-                file=sys.stderr,
-            )
-        )
+        bars.append(progress_bar(sum(m.size for m in members)))
         send_tar(sock, members, progress=bars[0].update)
 
     try:
-        experiment = client.upload(
+        return client.upload(
             f"/projects/{slug}/experiments/archive",
             params=params,
             length=length,
@@ -230,7 +280,6 @@ def submit_local(repo_dir: Path, message: str, manifest_path: str | None, as_jso
     finally:
         for bar in bars:
             bar.close()
-    emit(experiment, as_json, f"Submitted {experiment['id']} ({len(files)} files)")
 
 
 def find_manifest(repo_dir: Path, given: str | None) -> str:

@@ -9,10 +9,10 @@ from pathlib import Path
 from uuid import UUID
 
 from django.conf import settings
-from django.core.files.storage import default_storage
 
 from aichor.lib.git import GitInputError, check_branch, check_clone_url, check_sha, redact_credentials
 from experiments import services
+from experiments.archives import open_archive
 from experiments.engines.base import Cancelled
 from experiments.limits import check_processes
 from experiments.logs import LogWriter
@@ -140,7 +140,8 @@ def unpack_archive(experiment: Experiment, dest: Path, writer: LogWriter) -> Non
             yield member
 
     try:
-        with default_storage.open(experiment.archive, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        # From default storage or the archive bucket, as its name says (experiments.archives).
+        with open_archive(experiment.archive) as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
             # The "data" filter refuses absolute paths, "..", links out of the tree and devices.
             tar.extractall(dest, members=within_limits(tar), filter="data")
     except FileNotFoundError:

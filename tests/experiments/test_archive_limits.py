@@ -136,4 +136,5 @@ def test_sweep_runs_from_celery_beat(settings):
 
     schedule = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
     assert "experiments.sweep_archives" in schedule
+    app.loader.import_default_modules()  # what a worker does at start (autodiscovery is lazy)
     assert "experiments.sweep_archives" in app.tasks

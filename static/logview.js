@@ -138,6 +138,13 @@
     if (first > hi || hi === 0) reset(first); // a gap: earlier lines come on demand
     if (first < hi) { lines = lines.slice(hi - first); first = hi; }
     if (!lines.length) return;
+    if (follow && lines.length >= MAX_DOM_LINES) {
+      // A burst longer than the view holds: following shows only its last lines, so only those
+      // are drawn (the rest come back with "Earlier lines").
+      reset(first + lines.length - MAX_DOM_LINES);
+      lines = lines.slice(-MAX_DOM_LINES);
+      first = lo;
+    }
     logEl.append(fragment(first, lines));
     hi = first + lines.length;
     if (follow) {
@@ -207,9 +214,38 @@
   }
 
   // --- the WebSocket --------------------------------------------------------------------------
+  // A workload printing thousands of lines a second sends many messages a second: they are
+  // drawn together, at most every DRAW_MS, and while following only the last MAX_DOM_LINES of
+  // them are kept (a hidden tab, whose timers slow down, holds no more than that either).
+  const DRAW_MS = 50;
+  let queued = null; // {first, lines} not drawn yet
+  let drawTimer = null;
+
+  function queueLines(first, lines) {
+    if (queued && first !== queued.first + queued.lines.length) drawQueued(); // a gap: drawn apart
+    if (!queued) queued = { first, lines: [] };
+    for (const line of lines) queued.lines.push(line);
+    if (follow && queued.lines.length > 2 * MAX_DOM_LINES) {
+      const drop = queued.lines.length - MAX_DOM_LINES;
+      queued.lines.splice(0, drop);
+      queued.first += drop;
+    }
+    if (!drawTimer) drawTimer = setTimeout(drawQueued, DRAW_MS);
+  }
+
+  function drawQueued() {
+    clearTimeout(drawTimer);
+    drawTimer = null;
+    const batch = queued;
+    queued = null;
+    if (batch && atTail) appendLines(batch.first, batch.lines);
+    updateControls();
+  }
+
   function connect(fresh) {
     if (socket) { socket.onclose = null; socket.close(); }
     if (fresh) { reset(0); atTail = true; follow = true; ended = false; }
+    queued = null; // lines of the stream before: a new connection starts with its own tail
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     socket = new WebSocket(`${scheme}${location.host}${root.dataset.ws}?stream=${encodeURIComponent(stream)}`);
     socket.onopen = () => { retries = 0; };
@@ -217,7 +253,7 @@
       const msg = JSON.parse(event.data);
       if (msg.type === "lines") {
         total = msg.total;
-        if (atTail) appendLines(msg.first, msg.lines);
+        if (atTail) queueLines(msg.first, msg.lines);
       } else if (msg.type === "streams") {
         updateStreams(msg.streams);
       } else if (msg.type === "end") {

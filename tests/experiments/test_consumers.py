@@ -8,7 +8,7 @@ from django.test import Client
 
 from aichor.asgi import application
 from experiments import services
-from experiments.logs import append_log
+from experiments.logs import LogWriter, append_log
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -84,5 +84,68 @@ def test_unknown_experiment_is_refused(member_user, project):
     async def scenario():
         connected, _ = await ws.connect()
         assert not connected
+
+    async_to_sync(scenario)()
+
+
+def test_a_fast_workload_reaches_the_follower_whole_and_in_order(member_user, experiment):
+    """60 000 lines stored in 60 chunks while the page follows: every one arrives, in order,
+    none skipped (a follower once got only the newest 2 000 lines of each poll)."""
+    ws = communicator_for(member_user, experiment.pk)
+    expected = [f"line {i} of the fast workload" for i in range(60_000)]
+
+    def print_fast() -> None:
+        with LogWriter(experiment.pk, "process:worker-0") as writer:
+            for start in range(0, len(expected), 1000):
+                writer.write("".join(line + "\n" for line in expected[start : start + 1000]))
+                writer.flush()  # a chunk per thousand lines, as a watcher reading a burst stores them
+
+    async def scenario():
+        connected, _ = await ws.connect()
+        assert connected
+        received, holes, message = [], [], await ws.receive_json_from(timeout=5)
+        assert message == {"type": "lines", "first": 0, "lines": [], "total": 0}
+        await _sync(print_fast)()
+        await _sync(services.cancel_experiment)(experiment)
+        while message["type"] != "end":
+            message = await ws.receive_json_from(timeout=10)
+            if message["type"] == "lines":
+                if message["first"] != len(received):
+                    holes.append((len(received), message["first"]))
+                received += message["lines"]
+        assert holes == []
+        assert received == expected
+        assert message == {"type": "end", "status": "Cancelled"}
+        await ws.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_a_follower_joining_late_gets_the_tail_then_every_new_line(member_user, experiment):
+    append_log(experiment.pk, "process:worker-0", "".join(f"early {i}\n" for i in range(5000)))
+    ws = communicator_for(member_user, experiment.pk)
+
+    async def scenario():
+        connected, _ = await ws.connect()
+        assert connected
+        tail = await ws.receive_json_from(timeout=5)
+        assert (tail["first"], tail["lines"][0], tail["lines"][-1], tail["total"]) == (
+            4000,
+            "early 4000",
+            "early 4999",
+            5000,
+        )
+        for burst in range(3):
+            await _sync(append_log)(
+                experiment.pk, "process:worker-0", "".join(f"late {burst}.{i}\n" for i in range(3000))
+            )
+        received = []
+        while len(received) < 9000:
+            message = await ws.receive_json_from(timeout=10)
+            if message["type"] == "lines":
+                assert message["first"] == 5000 + len(received)
+                received += message["lines"]
+        assert received == [f"late {burst}.{i}" for burst in range(3) for i in range(3000)]
+        await ws.disconnect()
 
     async_to_sync(scenario)()

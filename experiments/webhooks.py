@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from django.conf import settings
-from django.http import HttpRequest, JsonResponse
-from django.shortcuts import get_object_or_404
+from django.db import connection
+from django.http import Http404, HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
@@ -116,10 +116,24 @@ def _github_payload(request: HttpRequest) -> dict | None:
     return _json(request.body)
 
 
+# Only what verifying and recording a delivery needs: this endpoint must answer fast.
+PROJECT_FIELDS = ("id", "slug", "webhook_secret_encrypted", "repo_clone_url", "default_engine_id")
+# In SQL: the ORM took 0.7 ms to compose this lookup, a tenth of a delivery's CPU time (issue 16).
+# Columns in the model's order, as Model.from_db() takes the values.
+PROJECT_SQL = (
+    f"SELECT {', '.join(f.column for f in Project._meta.concrete_fields if f.attname in PROJECT_FIELDS)}"
+    f" FROM {Project._meta.db_table} WHERE slug = %s"
+)
+
+
 def _project(slug: str) -> Project:
-    # Only what verifying and recording a delivery needs: this endpoint must answer fast.
-    fields = ("id", "slug", "webhook_secret_encrypted", "repo_clone_url", "default_engine_id")
-    return get_object_or_404(Project.objects.only(*fields), slug=slug)
+    # Read on every delivery, never cached: a changed webhook secret holds at once.
+    with connection.cursor() as cursor:
+        cursor.execute(PROJECT_SQL, [slug])
+        row = cursor.fetchone()
+    if row is None:
+        raise Http404("no such project")
+    return Project.from_db(connection.alias, PROJECT_FIELDS, row)
 
 
 def _ignored(reason: str) -> JsonResponse:

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from aichor.celery import app
 from experiments import logs, services
+from experiments.engines import docker as docker_engine_module
 from experiments.engines import get_engine
 from experiments.models import EngineWatch, Experiment, Status
 from experiments.pipeline import reconcile
@@ -53,18 +54,47 @@ def states_counted(engine, experiments: list[Experiment]) -> tuple[dict, int]:
 
 
 @pytest.mark.docker
-def test_docker_states_make_one_request_for_one_or_ten_experiments(docker_project, docker_engine, cleanup):
+def test_docker_states_make_one_request_for_one_or_ten_experiments(docker_project, docker_engine, cleanup, monkeypatch):
+    # No full list falls due however slowly the machine starts the containers.
+    monkeypatch.setattr(docker_engine_module, "FULL_LIST_SECONDS", 3600.0)
     engine = get_engine(docker_engine)
     one = run_many(docker_project, docker_engine, cleanup, 1)
     states, calls = states_counted(engine, one)
     assert calls == 1 and [s.phase for s in states[str(one[0].pk)]] == ["running"]
     ten = one + run_many(docker_project, docker_engine, cleanup, 9)
+    # The nine just submitted are looked up together: one request more, once.
+    states, calls = states_counted(engine, ten)
+    assert calls == 2 and all([s.phase for s in states[str(e.pk)]] == ["running"] for e in ten)
     states, calls = states_counted(engine, ten)
     assert calls == 1 and all([s.phase for s in states[str(e.pk)]] == ["running"] for e in ten)
     failing = run_many(docker_project, docker_engine, cleanup, 1, command="exit 3")
     wait_for(lambda: engine.status(failing[0].handle)[0].phase == "exited", message="the workload to exit")
     states, calls = states_counted(engine, ten + failing)
     assert calls == 1 and [(s.phase, s.exit_code) for s in states[str(failing[0].pk)]] == [("exited", 3)]
+
+
+@pytest.mark.docker
+def test_docker_states_see_an_exit_at_once_and_a_removed_container_by_the_next_full_list(
+    docker_project, docker_engine, docker_client, cleanup, monkeypatch
+):
+    monkeypatch.setattr(docker_engine_module, "FULL_LIST_SECONDS", 2.0)
+    engine = get_engine(docker_engine)
+    running = run_many(docker_project, docker_engine, cleanup, 2)
+    states, _calls = states_counted(engine, running)
+    assert all([s.phase for s in states[str(e.pk)]] == ["running"] for e in running)
+    exiting, removed = running
+    docker_client.api.kill(exiting.handle["containers"]["worker-0"])
+    docker_client.api.remove_container(removed.handle["containers"]["worker-0"], force=True)
+    # Between full lists an interval reads only the containers that stopped: the exit is seen
+    # in the very next one (a cancel, an end), the removal by the next full list.
+    states, calls = states_counted(engine, running)
+    assert calls == 1 and states[str(exiting.pk)][0].phase == "exited"
+    wait_for(
+        lambda: engine.states({str(removed.pk): removed.handle})[str(removed.pk)][0].phase == "missing",
+        timeout=2.0 + 2.0,
+        interval=0.2,
+        message="the removed container reported missing",
+    )
 
 
 def test_a_second_watcher_returns_at_once_and_takes_over_an_expired_lease(project, local_engine, cleanup):

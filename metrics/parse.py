@@ -5,10 +5,20 @@ import math
 import re
 import struct
 
-import numpy as np
-from tensorboard.compat.proto import event_pb2
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-from tensorboard.util import tensor_util
+# numpy and TensorBoard's protobufs (~50 MiB) are imported on first use (_load): a web process
+# that never shows a chart or reads an event file does not carry them.
+np = event_pb2 = tensor_util = masked_crc32c = None
+
+
+def _load() -> None:
+    global np, event_pb2, tensor_util, masked_crc32c
+    import numpy
+    from tensorboard.compat.proto import event_pb2 as events
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as crc
+    from tensorboard.util import tensor_util as tensors
+
+    np, event_pb2, tensor_util, masked_crc32c = numpy, events, tensors, crc
+
 
 MARKER = "AICHOR_METRIC"
 _LINE = re.compile(r"AICHOR_METRIC[ \t]+([^\r\n]*)")
@@ -43,6 +53,8 @@ def records(data: bytes) -> tuple[list[bytes], int]:
     """The complete TFRecord payloads at the start of `data` and the bytes they take: a record
     still being written is left for the next read. A header whose checksum fails stops the read
     (a torn write), never misreads a length."""
+    if masked_crc32c is None:
+        _load()
     payloads, pos = [], 0
     while pos + 12 <= len(data):
         header = data[pos : pos + 8]
@@ -62,6 +74,8 @@ def scalars(payload: bytes) -> list[Point]:
     """Scalar values of one Event: TF1-style `simple_value`, and the rank-0 numeric tensors the
     TF2 / tensorboard.summary writers use (images and text are tensors too, but not numeric
     scalars)."""
+    if event_pb2 is None:
+        _load()
     event = event_pb2.Event.FromString(payload)
     if not event.HasField("summary"):
         return []
@@ -89,6 +103,8 @@ def minmax(steps: list[int], values: list[float], size: int) -> tuple[list[int],
     spike survives downsampling, which an average would hide."""
     if size <= 1 or len(steps) <= 2:
         return list(steps), list(values)
+    if np is None:
+        _load()
     array = np.asarray(values, dtype=float)
     buckets = -(-len(array) // size)
     padded = np.full(buckets * size, np.inf)

@@ -1,12 +1,13 @@
 """The TensorBoard tab (every path under /experiments/<id>/tensorboard/ goes to the
-experiment's own TensorBoard, metrics.tensorboard) and the comparison of runs; members only."""
+experiment's own TensorBoard, metrics.tensorboard), the project's TensorBoard over chosen
+experiments (/p/<slug>/tensorboard/<key>/…) and the comparison of runs; members only."""
 
 import uuid
 
 import requests
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.views.decorators.clickjacking import xframe_options_sameorigin
 from django.views.decorators.csrf import csrf_exempt
 
@@ -34,6 +35,53 @@ def tensorboard_proxy(request: HttpRequest, experiment_id, path: str = "") -> Ht
         instance = tensorboard.instance_for(experiment)
     except tensorboard.TensorBoardUnavailable as exc:
         return HttpResponse(f"TensorBoard is unavailable: {exc}", status=503, content_type="text/plain")
+    return _proxy(request, instance, path)
+
+
+@login_required
+def project_tensorboard(request: HttpRequest, slug: str) -> HttpResponse:
+    """/p/<slug>/tensorboard/?e=<id>&e=<id>…: to the chosen set's own URL (its key)."""
+    project, _ = get_project(request.user, slug)
+    experiments = _chosen(project, request.GET.getlist("e"))
+    if not 1 <= len(experiments) <= compare.MAX_RUNS:
+        return HttpResponse(f"Choose 1 to {compare.MAX_RUNS} experiments.", status=400, content_type="text/plain")
+    return redirect(tensorboard.set_prefix(project.slug, tensorboard.set_key(e.pk for e in experiments)) + "/")
+
+
+@csrf_exempt  # as tensorboard_proxy
+@xframe_options_sameorigin
+@login_required
+def project_tensorboard_proxy(request: HttpRequest, slug: str, key: str, path: str = "") -> HttpResponse:
+    project, _ = get_project(request.user, slug)
+    ids = tensorboard.set_ids(key)
+    if ids is None:
+        raise Http404("No such experiment")
+    experiments = _chosen(project, ids)
+    if request.method not in ALLOWED_METHODS:
+        return HttpResponse(status=405, headers={"Allow": ", ".join(ALLOWED_METHODS)})
+    try:
+        for experiment in experiments:
+            tensorboard.refresh_mirror(experiment)
+        instance = tensorboard.instance_for_set(project.slug, experiments)
+    except tensorboard.TensorBoardUnavailable as exc:
+        return HttpResponse(f"TensorBoard is unavailable: {exc}", status=503, content_type="text/plain")
+    return _proxy(request, instance, path)
+
+
+def _chosen(project, values: list[str]) -> list[Experiment]:
+    """The project's experiments with these ids, in the order given; 404 should one be
+    malformed, missing or another project's (the same answer for each)."""
+    try:
+        ids = list(dict.fromkeys(uuid.UUID(value) for value in values))
+    except ValueError:
+        raise Http404("No such experiment") from None
+    found = {e.pk: e for e in Experiment.objects.filter(project=project, pk__in=ids).select_related("project")}
+    if len(found) != len(ids):
+        raise Http404("No such experiment")
+    return [found[pk] for pk in ids]
+
+
+def _proxy(request: HttpRequest, instance: tensorboard.Instance, path: str) -> HttpResponse:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in DROPPED}
     upstream = requests.request(
         request.method,
@@ -84,6 +132,7 @@ def compare_runs(request: HttpRequest, slug: str) -> HttpResponse:
         "rows": compare.manifest_rows(experiments),
         "metrics": table,
         "charts": {"runs": [e.short_id for e in experiments], "metrics": charts},
+        "tensorboard_url": tensorboard.set_prefix(project.slug, tensorboard.set_key(ids)) + "/",
         "section": "experiments",
     }
     return render(request, "metrics/compare.html", context)

@@ -105,3 +105,44 @@ def test_comparison_page_overlays_the_curves(logged_in_page, live_asgi, project,
     expect(chart.locator(".u-legend")).to_contain_text(second.short_id)
     expect(page.locator("#compare-manifests tr.differs", has_text="spec.env.LR")).to_be_visible()
     screenshot(page, "compare")
+
+
+def test_project_tensorboard_over_two_runs(
+    logged_in_page, live_asgi, client, project, git_repo, outsider_user, screenshot, celery_worker_thread
+):
+    import sys
+    from pathlib import Path
+
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from metrics import tensorboard
+    from tests.experiments.test_pipeline_local import push_and_wait
+
+    workload = f"{sys.executable} {Path(__file__).parents[1] / 'metrics' / 'workload.py'}"
+    first = push_and_wait(client, project, git_repo, f"{workload} 0 50")
+    second = push_and_wait(client, project, git_repo, f"{workload} 0 25")
+    assert first.status == second.status == Status.SUCCEEDED
+    page = logged_in_page
+    try:
+        page.goto(f"/p/{project.slug}/compare/?e={first.pk}&e={second.pk}")
+        with page.expect_popup() as popup:
+            page.get_by_role("link", name="Open TensorBoard over these runs").click()
+        board = popup.value
+        key = "_".join(sorted([first.pk.hex, second.pk.hex]))
+        expect(board).to_have_url(re.compile(rf"/p/{project.slug}/tensorboard/{key}/"))
+        # Both experiments' runs, grouped under their short ids, in TensorBoard's run selector.
+        for e in (first, second):
+            expect(board.get_by_text(f"{e.short_id}/train").first).to_be_visible(timeout=60_000)
+        expect(board.get_by_text("loss", exact=True).first).to_be_visible()
+        board.wait_for_load_state("networkidle")
+        screenshot(board, "project-tensorboard")
+
+        # Outsiders: 404 on the page and its data, and no WebSocket is served under it.
+        client.force_login(outsider_user)
+        for path in ("", "data/runs"):
+            assert client.get(f"/p/{project.slug}/tensorboard/{key}/{path}").status_code == 404
+        with pytest.raises(InvalidStatus):
+            connect(f"{live_asgi.ws_url}/p/{project.slug}/tensorboard/{key}/", open_timeout=10).close()
+    finally:
+        tensorboard.stop_all()

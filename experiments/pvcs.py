@@ -2,8 +2,8 @@
 ExperimentsConfig.ready() (projects imports nothing from experiments, so it only announces)."""
 
 import logging
+from importlib import import_module
 
-from experiments.engines import k8s_pvcs
 from experiments.engines.base import EngineError
 from experiments.models import ACTIVE_STATUSES, Experiment
 from projects.signals import UNREACHABLE, PvcRefused
@@ -11,9 +11,15 @@ from projects.signals import UNREACHABLE, PvcRefused
 log = logging.getLogger(__name__)
 
 
+def _cluster():
+    """experiments.engines.k8s_pvcs, imported when a PVC is first handled: it brings the
+    Kubernetes client (~60 MiB), which a web process without PVCs never needs."""
+    return import_module("experiments.engines.k8s_pvcs")
+
+
 def create_claim(sender, pvc, **kwargs) -> None:
     try:
-        k8s_pvcs.create(
+        _cluster().create(
             pvc.engine.config,
             pvc.project.namespace,
             str(pvc.project_id),
@@ -36,7 +42,7 @@ def delete_claim(sender, pvc, **kwargs) -> None:
             f"PVC {pvc.name} is mounted by {len(users)} running experiment(s) ({ids}): delete it once they have ended."
         )
     try:
-        k8s_pvcs.delete(pvc.engine.config, pvc.project.namespace, pvc.name)
+        _cluster().delete(pvc.engine.config, pvc.project.namespace, pvc.name)
     except EngineError as exc:
         # The record stays: without it nobody would know the claim still holds storage.
         raise PvcRefused(f"PVC {pvc.name} was not deleted on {pvc.engine.name}: {exc}") from None
@@ -56,6 +62,7 @@ def mounting(project_id: int, name: str) -> list[Experiment]:
 def claim_phases(sender, project, pvcs, **kwargs) -> dict[int, str]:
     """One list call per engine holding the project's records."""
     found: dict[int, str] = {}
+    k8s_pvcs = _cluster()
     for engine in {pvc.engine for pvc in pvcs}:
         try:
             on_cluster = k8s_pvcs.phases(engine.config, project.namespace, str(project.pk))

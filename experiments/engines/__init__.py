@@ -1,27 +1,33 @@
 """Engines keyed by kind. The local engine exists only when AICHOR_LOCAL_ENGINE=true: its
 experiments fail at the first step that needs it otherwise."""
 
+from importlib import import_module
+
 from django.conf import settings
 
 from experiments.engines.base import Engine, EngineError
-from experiments.engines.docker import DockerEngine
-from experiments.engines.kubernetes import KubernetesEngine
-from experiments.engines.local import LocalEngine
 
-REGISTRY: dict[str, type[Engine]] = {
-    DockerEngine.kind: DockerEngine,
-    KubernetesEngine.kind: KubernetesEngine,
-    LocalEngine.kind: LocalEngine,
+# Imported on first use: the Kubernetes client alone is ~60 MiB in every web process otherwise,
+# most of which never talk to a cluster.
+REGISTRY: dict[str, str] = {
+    "docker": "experiments.engines.docker.DockerEngine",
+    "kubernetes": "experiments.engines.kubernetes.KubernetesEngine",
+    "local": "experiments.engines.local.LocalEngine",
 }
 DISABLED = "the local engine is disabled: set AICHOR_LOCAL_ENGINE=true"
 
 
-def get_engine(engine_model) -> Engine:
+def engine_class(kind: str) -> type[Engine]:
     try:
-        cls = REGISTRY[engine_model.kind]
+        module, _, name = REGISTRY[kind].rpartition(".")
     except KeyError:
-        raise EngineError(f"engines of kind {engine_model.kind!r} are not supported by this server yet") from None
-    if cls is LocalEngine and not settings.LOCAL_ENGINE:
+        raise EngineError(f"engines of kind {kind!r} are not supported by this server yet") from None
+    return getattr(import_module(module), name)
+
+
+def get_engine(engine_model) -> Engine:
+    cls = engine_class(engine_model.kind)
+    if engine_model.kind == "local" and not settings.LOCAL_ENGINE:
         raise EngineError(DISABLED)
     return cls(engine_model.config)
 

@@ -274,6 +274,8 @@ DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "aichor <aichor@localhost>")
 TERMINAL_MAX_SESSIONS_PER_USER = env_int("AICHOR_TERMINAL_MAX_SESSIONS_PER_USER", 4)
 # TensorBoard processes a web process runs at once (the TensorBoard tab); the longest idle stops first.
 AICHOR_TENSORBOARD_MAX = env_int("AICHOR_TENSORBOARD_MAX", 4)
+# One TensorBoard kept imported and waiting per web process, so a first view starts in about a second.
+AICHOR_TENSORBOARD_SPARE = env_bool("AICHOR_TENSORBOARD_SPARE", True)
 TERMINAL_IDLE_SECONDS = env_float("AICHOR_TERMINAL_IDLE_SECONDS", 900.0)
 TERMINAL_MAX_SECONDS = env_float("AICHOR_TERMINAL_MAX_SECONDS", 4 * 3600.0)
 # How often an open terminal checks that its experiment is still Running (or held).
@@ -303,6 +305,14 @@ AICHOR_S3_ADDRESSING_STYLE = env_str("AICHOR_S3_ADDRESSING_STYLE", "path")  # pa
 # Browser uploads arrive as parts of this size: Django spools each part to disk before the view
 # streams it on to the bucket, so a part is resumable and memory stays bounded per upload.
 AICHOR_UPLOAD_PART_MB = env_int("AICHOR_UPLOAD_PART_MB", 8)
+# On the S3 backend `submit local` sends archives straight to this bucket by presigned multipart
+# upload (the server authorises and signs, never carries the bytes), in parts of this size (at
+# least 5, S3's minimum; larger when an archive would need over 10 000 parts). An upload id
+# handed to the CLI is good for ARCHIVE_UPLOAD_MAX_SECONDS; an upload idle for
+# ORPHAN_ARCHIVE_SECONDS is aborted by the sweep.
+AICHOR_ARCHIVE_BUCKET = env_str("AICHOR_ARCHIVE_BUCKET", "aichor-archives")
+AICHOR_ARCHIVE_PART_MB = env_int("AICHOR_ARCHIVE_PART_MB", 8)
+ARCHIVE_UPLOAD_MAX_SECONDS = env_float("AICHOR_ARCHIVE_UPLOAD_MAX_SECONDS", 24 * 3600.0)
 AICHOR_DATASETS_PAGE_SIZE = env_int("AICHOR_DATASETS_PAGE_SIZE", 100)
 
 SESSION_COOKIE_HTTPONLY = True

@@ -87,6 +87,8 @@ def setup_django(db_name: str) -> dict:
     Redis database of its own, make a data folder (removed at exit) and configure Django against
     them; returns the env that server and worker subprocesses must share."""
     base = os.environ.get("BENCH_DATABASE_SERVER", "postgres://postgres@127.0.0.1:5432")
+    # A run stopped with SIGTERM (or Ctrl-C) still drops its database and folders: atexit runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     db_name = f"{db_name}_{_run_suffix()}"
     subprocess.run(["psql", f"{base}/postgres", "-qc", f"CREATE DATABASE {db_name}"], capture_output=True, check=True)
     atexit.register(_drop_database, base, db_name)
@@ -174,7 +176,7 @@ class Processes:
             try:
                 requests.get(url + "/webhooks/github/none/", timeout=1)
                 return url
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # a loaded machine: its first answer is slow
                 time.sleep(0.1)
         raise RuntimeError("uvicorn did not start")
 

@@ -27,12 +27,24 @@ stop() {
 # Ctrl-C is how a user ends `make run`: a clean stop and exit 0, not an error.
 trap 'trap - EXIT; stop; exit 0' INT TERM
 trap stop EXIT
-"$BIN/celery" -A aichor --quiet worker -n pipeline@%h -Q celery --loglevel="$WORKER_LOG_LEVEL" --concurrency=4 --pool=threads &
+# Pipeline threads wait on Docker and git most of the time (a container's start is most of a
+# submit): 8 keep the Docker daemon starting while others clone and build. 4 on the embedded
+# SQLite, whose single writer they would queue on.
+PIPELINE_CONCURRENCY=${AICHOR_PIPELINE_CONCURRENCY:-8}
+[[ ${DATABASE_URL:-} == postgres* ]] || PIPELINE_CONCURRENCY=${AICHOR_PIPELINE_CONCURRENCY:-4}
+"$BIN/celery" -A aichor --quiet worker -n pipeline@%h -Q celery --loglevel="$WORKER_LOG_LEVEL" --concurrency="$PIPELINE_CONCURRENCY" --pool=threads &
 pids+=($!)
 "$BIN/celery" -A aichor --quiet worker -n watch@%h -Q watch,notify --beat --loglevel="$WORKER_LOG_LEVEL" --concurrency=4 --pool=threads \
   --schedule="${AICHOR_DATA_DIR:-var}/celerybeat-schedule" &
 pids+=($!)
-"$BIN/uvicorn" aichor.asgi:application --host "$HOST" --port "$PORT" \
+# Web server processes: on PostgreSQL one per core, so a webhook burst or a busy dashboard uses
+# every core; on the embedded SQLite one, as it has a single writer for all of them to queue on.
+if [[ ${DATABASE_URL:-} == postgres* ]]; then
+  WEB_WORKERS=${AICHOR_WEB_WORKERS:-$(nproc)}
+else
+  WEB_WORKERS=${AICHOR_WEB_WORKERS:-1}
+fi
+"$BIN/uvicorn" aichor.asgi:application --host "$HOST" --port "$PORT" --workers "$WEB_WORKERS" \
   --http httptools --ws websockets-sansio --lifespan off &
 pids+=($!)
 

@@ -36,6 +36,9 @@ def pytest_configure(config):
     os.environ["AICHOR_ALLOW_LOCAL_REPOS"] = "true"
     # The fake Git hosts and notification receivers listen on loopback.
     settings.OUTBOUND_ALLOW_NETWORKS = "127.0.0.0/8,::1/128"
+    # No spare TensorBoard beside every test server (one test asks for it): it would only add load.
+    settings.AICHOR_TENSORBOARD_SPARE = False
+    os.environ["AICHOR_TENSORBOARD_SPARE"] = "false"
     # Worker threads must not keep connections open past a test: the test database is
     # flushed or dropped behind them.
     settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
@@ -252,6 +255,10 @@ def close_shared_sync_thread_connections(django_db_setup):
     from django.db import connections
 
     SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
+    # Webhook deliveries through aichor.asgi run on its own thread pool, one connection each.
+    from aichor.asgi import close_webhook_connections
+
+    close_webhook_connections()
 
 
 # --- A live server ------------------------------------------------------------------------

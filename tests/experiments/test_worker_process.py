@@ -98,8 +98,8 @@ def start_server(start) -> str:
 
     def up() -> bool:
         try:
-            return requests.get(url + "/webhooks/github/none/", timeout=1).status_code == 405
-        except requests.ConnectionError:
+            return requests.get(url + "/webhooks/github/none/", timeout=5).status_code == 405
+        except (requests.ConnectionError, requests.Timeout):  # a loaded machine answers its first request late
             return False
 
     wait_for(up, timeout=30, message="uvicorn to listen")

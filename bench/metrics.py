@@ -3,7 +3,10 @@
 Charts: the API answer the page's charts draw from (GET /api/v1/experiments/<id>/metrics: every
 series, downsampled to ≤ 1 000 points) through Django's full request stack, and the time to
 record the points through the service the log writer and the event file reader use.
-Target: server time for the downsampled series ≤ 200 ms (p50), ≤ 1 000 points each.
+Target: server time for the downsampled series ≤ 200 ms (p50), ≤ 1 000 points each. And the
+page's charts rendered in ≤ 1 s: Chromium (Playwright) opens the experiment page from a uvicorn
+server started as `make run` starts it, timed from navigation until all 50 charts are drawn
+(median of 5 loads, the browser cache emptied each time).
 
 TensorBoard's first view: from the tab's first request (its page, through aichor's proxy) to
 TensorBoard's scalar data answering, through the proxy, with the last step of the run's last
@@ -23,19 +26,57 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import MiB, exit_status, figure, percentile, setup_django  # noqa: E402
+from bench._common import MiB, Processes, exit_status, figure, percentile, setup_django  # noqa: E402
 
 SERIES = 50
 STEPS = 100_000
 BATCH = 10_000  # points per series per record call: a log flush of a fast loop is far smaller
 REQUESTS = 20
+PAGE_LOADS = 5
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 TB_DEADLINE = 300.0
 # A run as most are, where starting TensorBoard, not reading the file, is the wait.
 SMALL_STEPS = 1_000
 
 
+def page_render(env: dict, client, experiment) -> list[float]:
+    """Seconds from navigation to every series' chart drawn on the experiment page, per load."""
+    from django.conf import settings
+    from django.core.management import call_command
+    from playwright.sync_api import sync_playwright
+
+    call_command("collectstatic", interactive=False, verbosity=0)  # the server's whitenoise serves them
+    procs = Processes(env)
+    url = procs.server()
+    cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
+    seconds = []
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            for _ in range(PAGE_LOADS + 1):  # the first load warms the server's code paths
+                context = browser.new_context(viewport={"width": 1400, "height": 1000})
+                context.add_cookies([{"name": settings.SESSION_COOKIE_NAME, "value": cookie, "url": url}])
+                page = context.new_page()
+                started = time.perf_counter()
+                page.goto(f"{url}/experiments/{experiment.pk}/")
+                page.wait_for_function(f"document.querySelectorAll('.uplot canvas').length >= {SERIES}", timeout=60_000)
+                seconds.append(time.perf_counter() - started)
+                context.close()
+            browser.close()
+    finally:
+        procs.stop_all()
+    return seconds[1:]
+
+
 def main() -> None:
-    setup_django("aichor_bench_metrics")
+    env = setup_django("aichor_bench_metrics")
     from django.contrib.auth import get_user_model
     from django.test import Client
 
@@ -92,6 +133,14 @@ def main() -> None:
     figure("metrics API p95", f"{percentile(times, 95):.1f} ms")
     figure("points per series in the answer, at most", f"{most}", "≤ 1 000", most <= 1000)
     figure("metrics API answer size", f"{len(response.content) / MiB:.2f} MiB")
+    loads = page_render(env, client, experiment)
+    render = statistics.median(loads)
+    figure(
+        f"experiment page: all {SERIES} charts drawn in Chromium (median of {PAGE_LOADS})",
+        f"{render:.2f} s",
+        "≤ 1 s",
+        render <= 1,
+    )
 
     # --- TensorBoard: as a user meets it (requests served, so the spare is warm: metrics.apps
     # starts it with the first request; a user opens the tab after the experiment page), and

@@ -23,6 +23,9 @@ const METRIC_COLOURS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "
   function width() {
     return Math.max(240, (grid.firstElementChild || grid).clientWidth - 16);
   }
+  // Measured once per answer, not per chart: reading clientWidth after each new chart forced a
+  // layout of the page 50 times on a run with 50 series.
+  let chartWidth = null;
 
   function create(series) {
     const box = document.createElement("article");
@@ -44,7 +47,7 @@ const METRIC_COLOURS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "
     grid.append(box);
     const chart = new uPlot(
       {
-        width: width(),
+        width: chartWidth || width(),
         height: 160,
         legend: { show: false },
         cursor: { drag: { x: true, y: false } },
@@ -52,7 +55,7 @@ const METRIC_COLOURS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "
         axes: [{ size: 30 }, { size: 50 }],
         series: [{ label: "step" }, { label: series.name, stroke: METRIC_COLOURS[0], width: 1.5 }],
       },
-      [[], []],
+      [series.steps, series.values], // drawn once, with its data
       box,
     );
     const entry = { chart, latest, best, count };
@@ -61,8 +64,9 @@ const METRIC_COLOURS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "
   }
 
   function draw(series) {
-    const entry = charts.get(series.name) || create(series);
-    entry.chart.setData([series.steps, series.values]);
+    let entry = charts.get(series.name);
+    if (entry) entry.chart.setData([series.steps, series.values]);
+    else entry = create(series);
     entry.latest.textContent = fmt(series.last_value);
     entry.best.textContent = fmt(series.best_value);
     entry.count.textContent = series.count.toLocaleString();
@@ -76,7 +80,15 @@ const METRIC_COLOURS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "
       const response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
       if (!response.ok) throw new Error(response.status);
       const body = await response.json();
-      body.series.forEach(draw);
+      if (body.series.length && !charts.size) {
+        // The first chart sets the cards' width; the others take it without a layout each.
+        draw(body.series[0]);
+        chartWidth = width();
+        body.series.slice(1).forEach(draw);
+      } else {
+        chartWidth = width();
+        body.series.forEach(draw);
+      }
       cursor = body.cursor;
       live = !body.is_terminal;
       empty.hidden = charts.size > 0;

@@ -56,8 +56,9 @@ def check_url(url: str) -> None:
         return
     for *_, sockaddr in infos:
         if not allowed(sockaddr[0]):
+            where = host if host == sockaddr[0] else f"{host} resolves to {sockaddr[0]}, which"
             raise InternalAddress(
-                f"{host} resolves to {sockaddr[0]}, an address internal to the server's network; "
+                f"{where} is an address internal to the server's network; "
                 "the server does not send requests there (an operator can allow a network with "
                 "AICHOR_OUTBOUND_ALLOW_NETWORKS)"
             )

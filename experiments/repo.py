@@ -14,8 +14,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from aichor.lib.git import GitInputError, check_branch, check_clone_url, check_sha, redact_credentials
-from experiments.pipeline.clone import git_safety
+from aichor.lib.git import GitInputError, check_branch, check_clone_url, check_sha, git_safety, redact_credentials
 
 MANIFEST_DIR = "aichor_manifests/"
 ROOT_MANIFEST = "manifest.yaml"
@@ -43,7 +42,12 @@ def _run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProces
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
     try:
         return subprocess.run(
-            ["git", *git_safety(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS
+            ["git", *git_safety(allow_local=settings.ALLOW_LOCAL_REPOS), *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_SECONDS,
         )
     except subprocess.TimeoutExpired:
         raise RepoError(f"the repository did not answer within {TIMEOUT_SECONDS} s") from None

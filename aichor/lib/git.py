@@ -128,3 +128,13 @@ _CREDENTIAL_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 def redact_credentials(text: str) -> str:
     return _CREDENTIAL_RE.sub(r"\g<scheme>***@", text)
+
+
+def git_safety(*, allow_local: bool) -> list[str]:
+    """Config for every git call the server makes. `-c` settings reach child gits too
+    (submodules), so a .gitmodules URL cannot use ext:: (runs a command), nor file:// unless
+    `allow_local` (AICHOR_ALLOW_LOCAL_REPOS: it would read the server's disk)."""
+    args = ["-c", "protocol.ext.allow=never"]
+    if not allow_local:
+        args += ["-c", "protocol.file.allow=never"]
+    return args

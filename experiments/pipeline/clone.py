@@ -10,7 +10,7 @@ from uuid import UUID
 
 from django.conf import settings
 
-from aichor.lib.git import GitInputError, check_branch, check_clone_url, check_sha, redact_credentials
+from aichor.lib.git import GitInputError, check_branch, check_clone_url, check_sha, git_safety, redact_credentials
 from experiments import services
 from experiments.archives import open_archive
 from experiments.engines.base import Cancelled
@@ -22,22 +22,16 @@ from experiments.pipeline.common import Liveness, StepFailed, enter, inside, wor
 from experiments.queue import next_step
 
 
-def git_safety() -> list[str]:
-    """Config for every git call. `-c` settings reach child gits too (submodules), so a
-    .gitmodules URL cannot use ext:: (runs a command), nor file:// unless local repositories
-    are allowed (it would read the server's disk)."""
-    args = ["-c", "protocol.ext.allow=never"]
-    if not settings.ALLOW_LOCAL_REPOS:
-        args += ["-c", "protocol.file.allow=never"]
-    return args
-
-
 def _git(args: list[str], cwd: Path, writer: LogWriter, cancelled: Liveness, timeout: float) -> None:
     """Callers put every value that came from outside after `--end-of-options` or `--`."""
     writer.line(redact_credentials("$ git " + " ".join(args)))
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
     proc = subprocess.Popen(
-        ["git", *git_safety(), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ["git", *git_safety(allow_local=settings.ALLOW_LOCAL_REPOS), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + timeout
     try:

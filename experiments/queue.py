@@ -3,14 +3,13 @@
 Tasks are sent by name so that this module imports no task: services, the pipeline and the tasks
 all import it, and it imports none of them (no import circle, no import inside a function)."""
 
-import contextlib
 import contextvars
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from uuid import UUID
 
 from django.db import transaction
@@ -99,8 +98,9 @@ def _keep_client(channel) -> None:
     itself. Other transports (the filesystem broker) are left as they are."""
     if getattr(channel, "_aichor_client", None) is not None or not hasattr(channel, "_create_client"):
         return
-    client = channel._aichor_client = channel._create_client()
-    channel.conn_or_acquire = lambda given=None: contextlib.nullcontext(given or client)
+    kept = channel._aichor_client = channel._create_client()
+    # Named as kombu's own parameter: its _delete() passes client= by keyword.
+    channel.conn_or_acquire = lambda client=None: nullcontext(client or kept)
 
 
 def _send(name: str, experiment_id: UUID | int) -> None:

@@ -3,6 +3,8 @@
 filesystem backend, start answers `method: stream`: the archive is POSTed to
 /projects/{slug}/experiments/archive as before."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 from django.conf import settings
@@ -84,12 +86,19 @@ def _out(upload: multipart.Upload, uploaded: list[multipart.Part]) -> dict:
     }
 
 
-def _find(request: HttpRequest, slug: str, upload: str):
-    project, _ = get_project(request.auth, slug)
+@contextmanager
+def _answering() -> Iterator[None]:
+    """An UploadError as the API's answer: its status and reason."""
     try:
-        return project, multipart.find_upload(project, request.auth, upload)
+        yield
     except multipart.UploadError as exc:
         raise HttpError(exc.status, exc.detail) from None
+
+
+def _find(request: HttpRequest, slug: str, upload: str):
+    project, _ = get_project(request.auth, slug)
+    with _answering():
+        return project, multipart.find_upload(project, request.auth, upload)
 
 
 def _digests(parts: list[PartIn]) -> dict[int, str]:
@@ -119,10 +128,8 @@ def start_upload(request: HttpRequest, slug: str, payload: UploadIn):
         raise HttpError(413, f"the archive ({payload.size} bytes) is larger than the limit of {limit} bytes")
     if not is_s3():
         return Reply(200, {"method": "stream"})
-    try:
+    with _answering():
         upload, uploaded = multipart.start_upload(project, request.auth, payload.size, payload.fingerprint)
-    except multipart.UploadError as exc:
-        raise HttpError(exc.status, exc.detail) from None
     return Reply(201, _out(upload, uploaded))
 
 
@@ -133,10 +140,8 @@ def start_upload(request: HttpRequest, slug: str, payload: UploadIn):
 )
 def upload_state(request: HttpRequest, slug: str, upload: str):
     _, found = _find(request, slug, upload)
-    try:
+    with _answering():
         return _out(found, multipart.uploaded_parts(found))
-    except multipart.UploadError as exc:
-        raise HttpError(exc.status, exc.detail) from None
 
 
 @router.post(
@@ -146,10 +151,8 @@ def upload_state(request: HttpRequest, slug: str, upload: str):
 )
 def sign_parts(request: HttpRequest, slug: str, upload: str, payload: PartsIn):
     _, found = _find(request, slug, upload)
-    try:
+    with _answering():
         signed = multipart.sign_parts(found, _digests(payload.parts))
-    except multipart.UploadError as exc:
-        raise HttpError(exc.status, exc.detail) from None
     return {"parts": [{"number": n, "url": url, "headers": headers} for n, (url, headers) in signed.items()]}
 
 
@@ -164,10 +167,8 @@ def sign_parts(request: HttpRequest, slug: str, upload: str, payload: PartsIn):
 def complete_upload(request: HttpRequest, slug: str, upload: str, payload: CompleteIn):
     project, found = _find(request, slug, upload)
     engine = services.chosen_engine(project, payload.engine)
-    try:
+    with _answering():
         archive = multipart.complete_upload(found, _digests(payload.parts))
-    except multipart.UploadError as exc:
-        raise HttpError(exc.status, exc.detail) from None
     try:
         experiment = services.create_experiment(
             project=project,
@@ -191,8 +192,6 @@ def complete_upload(request: HttpRequest, slug: str, upload: str, payload: Compl
 )
 def abort_upload(request: HttpRequest, slug: str, upload: str):
     _, found = _find(request, slug, upload)
-    try:
+    with _answering():
         multipart.abort_upload(found)
-    except multipart.UploadError as exc:
-        raise HttpError(exc.status, exc.detail) from None
     return Reply(204, None)

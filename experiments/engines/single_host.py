@@ -233,7 +233,8 @@ def _ray_processes(
             ours["dashboard-agent-listen-port"] = port
         ours |= ray_node(next(nodes))
         ours = {k: v for k, v in ours.items() if v and k not in group.ray_start_params}
-        flags = [*(f"--{k}={v}" for k, v in ours.items()), *ray_start_flags(group.ray_start_params)]
+        # Quoted too: the engine's own values hold host paths (the local Ray folder under $TMPDIR).
+        flags = [*(shlex.quote(f"--{k}={v}") for k, v in ours.items()), *ray_start_flags(group.ray_start_params)]
         # --block keeps `ray start` in the foreground: the process lives as long as the node.
         block = [] if "block" in group.ray_start_params else ["--block"]
         return " ".join(["ray start", first, *block, *flags])

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from datasets.services import InvalidKey, StorageError
 from datasets.storage import is_s3
 from experiments.models import Experiment
 from metrics.compare import MAX_RUNS
@@ -138,22 +139,34 @@ def refresh_mirror(experiment: Experiment, *, force: bool = False) -> None:
     root = mirror_of(experiment)
     root.mkdir(parents=True, exist_ok=True)
     for path, size in event_files(bucket, folder):
-        copy = root / path
-        have = copy.stat().st_size if copy.is_file() else 0
-        if have >= size:
+        try:
+            _copy_new_bytes(bucket, folder, path, size, root / path)
+        except (OSError, InvalidKey, StorageError):
+            # Swapped since the listing (for a link, a folder, nothing) or a file that became a
+            # folder: skipped, so one such name never fails the whole tab.
             continue
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        with copy.open("ab") as out:
-            while have < size:
-                piece = read_event_file(bucket, folder, path, have, size)
-                if not piece:
-                    break
-                out.write(piece)
-                have += len(piece)
+
+
+def _copy_new_bytes(bucket: str, folder: str, path: str, size: int, copy: Path) -> None:
+    have = copy.stat().st_size if copy.is_file() else 0
+    if have >= size:
+        return
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    with copy.open("ab") as out:
+        while have < size:
+            piece = read_event_file(bucket, folder, path, have, size)
+            if not piece:
+                break
+            out.write(piece)
+            have += len(piece)
 
 
 def _base_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "AICHOR_", "DATABASE_"))}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "S3_", "AICHOR_", "DATABASE_", "REDIS_", "EMAIL_"))
+    }
 
 
 def _storage_environment() -> dict[str, str]:

@@ -65,6 +65,9 @@ def ray_dockerfile(docker_client) -> str:
     return f"FROM {ray_image(docker_client)}\nWORKDIR /app\nCOPY . /app\n"
 
 
+# A Ray cluster of three containers starts slowly on a loaded machine: its own deadline (ended's
+# 300 s) must fire before the suite's per-test timeout, not together with it.
+@pytest.mark.timeout(600)
 def test_kuberay_forms_a_cluster_and_runs_the_command_on_it(
     client, docker_project, git_repo, docker_client, ray_dockerfile, celery_worker_thread
 ):

@@ -6,6 +6,29 @@
 // terminal becomes possible: it is set up when it appears, once.
 (function () {
   "use strict";
+  const assets = document.currentScript.dataset;
+  let xtermLoaded = null;
+
+  // xterm.js and its fit add-on, fetched the first time a terminal opens (once per page).
+  function loadXterm() {
+    if (!xtermLoaded) {
+      // Its stylesheet too: the fit add-on measures the laid-out screen.
+      const fetchTag = (tag) =>
+        new Promise((resolve, reject) => {
+          tag.onload = resolve;
+          tag.onerror = () => reject(new Error("could not load the terminal"));
+          document.head.append(tag);
+        });
+      const css = Object.assign(document.createElement("link"), { rel: "stylesheet", href: assets.xtermCss });
+      // async: false runs them in insertion order, as the static tags they replace ran.
+      const script = (src) => fetchTag(Object.assign(document.createElement("script"), { src, async: false }));
+      xtermLoaded = Promise.all([fetchTag(css), script(assets.xterm), script(assets.xtermFit)]).catch((error) => {
+        xtermLoaded = null; // a later click tries again
+        throw error;
+      });
+    }
+    return xtermLoaded;
+  }
 
   function setupOnce(root) {
     const card = root.id === "terminal-card" ? root : root.querySelector && root.querySelector("#terminal-card");
@@ -75,7 +98,16 @@
       return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
     }
 
-    function open() {
+    async function open() {
+      openButton.disabled = true;
+      say("Loading the terminal…");
+      try {
+        await loadXterm();
+      } catch (error) {
+        say("The terminal could not be loaded: reload the page and try again.");
+        openButton.disabled = false;
+        return;
+      }
       dispose();
       screen.hidden = false;
       term = new Terminal({

@@ -48,6 +48,8 @@ def stty_size(page, previous: tuple[int, int] | None = None) -> tuple[int, int]:
 
 def open_terminal(page, live_asgi, experiment, process: str = "worker-0") -> None:
     page.goto(f"{live_asgi.url}/experiments/{experiment.pk}/")
+    # xterm.js (half a megabyte) is fetched when a terminal opens, not with every page view.
+    assert page.evaluate("typeof Terminal") == "undefined"
     page.select_option("#terminal-process", process)
     page.click("#terminal-open")
     page.locator("#terminal-state").get_by_text(f"Connected to {process}.").wait_for()

@@ -1,4 +1,5 @@
 import hashlib
+import os
 import secrets
 
 from django.conf import settings
@@ -29,6 +30,65 @@ class Engine(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.kind})"
+
+    def clean(self) -> None:
+        # The admin's form: a typo in a key or a value of the wrong type is named here, where
+        # the admin types it, not found later as a default silently used or a failing watcher.
+        problems = config_problems(self.config)
+        if problems:
+            raise ValidationError({"config": problems})
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _absolute_folders(value) -> bool:
+    folders = value.split(os.pathsep) if isinstance(value, str) else value
+    return isinstance(folders, list) and all(isinstance(f, str) and os.path.isabs(f) for f in folders)
+
+
+# The keys an engine's `config` may hold (README, Engine settings), and what each must be.
+CONFIG_KEYS: dict[str, tuple[str, object]] = {
+    "docker_host": ("a string", lambda v: isinstance(v, str)),
+    "network": ("a string", lambda v: isinstance(v, str)),
+    "build_network": ("a string", lambda v: isinstance(v, str)),
+    "max_processes_per_experiment": ("a positive integer", _positive_int),
+    "max_running_experiments_per_project": ("a positive integer", _positive_int),
+    # Absolute: a relative folder would resolve against each process's working directory.
+    "path": ("a list of absolute folders or a string like PATH", lambda v: _absolute_folders(v)),
+    "root": ("a string", lambda v: isinstance(v, str)),
+    "kubeconfig": ("a string", lambda v: isinstance(v, str)),
+    "context": ("a string", lambda v: isinstance(v, str)),
+    "in_cluster": ("true or false", lambda v: isinstance(v, bool)),
+    "registry": ("a string", lambda v: isinstance(v, str)),
+    "image_pull_secret": ("a string", lambda v: isinstance(v, str)),
+    "storage_class": ("a string", lambda v: isinstance(v, str)),
+    "s3_secret": ("a string", lambda v: isinstance(v, str)),
+    "buckets_host_root": ("a string", lambda v: isinstance(v, str)),
+    "log_reads_per_second": (
+        "a positive number",
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+    ),
+    # 0: every pod's log is polled, none followed.
+    "log_streams": ("a whole number, 0 or more", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "watch_pods": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def config_problems(config) -> list[str]:
+    """What is wrong with an engine's `config`, one sentence each; [] when nothing is."""
+    if not isinstance(config, dict):
+        return ['The settings must be a JSON object, like {"network": "none"}.']
+    problems = []
+    for key, value in config.items():
+        if key not in CONFIG_KEYS:
+            problems.append(f"Unknown setting {key!r}; the settings are: {', '.join(sorted(CONFIG_KEYS))}.")
+            continue
+        expected, valid = CONFIG_KEYS[key]
+        if value is not None and not valid(value):
+            problems.append(f"{key} must be {expected}, not {value!r}.")
+    return problems
 
 
 def access_of(user, to_project: str = "") -> tuple[models.Q, models.Expression] | None:

@@ -402,7 +402,7 @@ class KubernetesEngine(Engine):
             ended = _STREAMS.pop(key, None)
             if ended is not None:
                 ended.close()
-            if _live_streams() >= int(self.config.get("log_streams", MAX_LOG_STREAMS)):
+            if _live_streams() >= self._log_streams():
                 return self._poll(handle, process, cursor, key, now)
             due, failures = _QUIET.get(key, (0.0, 0))
             if now < due or not _LOG_READS.take(now, self._log_rate()):
@@ -423,6 +423,11 @@ class KubernetesEngine(Engine):
             _QUIET[key] = (0.0, 0)
             _LAST_SECOND[key] = taken[0]  # where a stash before a delete starts
         return lines, (None if cursor is None and taken == (0, 0) else list(taken))
+
+    def _log_streams(self) -> int:
+        # null (as the admin's JSON may say) is the default, as a missing key is.
+        value = self.config.get("log_streams")
+        return MAX_LOG_STREAMS if value is None else int(value)
 
     def _log_rate(self) -> float:
         return float(self.config.get("log_reads_per_second") or LOG_READS_PER_SECOND)
@@ -887,7 +892,7 @@ def _stream_client(engine: KubernetesEngine) -> k8s.ApiClient:
         client = _CLIENTS.get(key)
         if client is None:
             configuration = engine._configuration()
-            configuration.connection_pool_maxsize = int(engine.config.get("log_streams", MAX_LOG_STREAMS)) + 1
+            configuration.connection_pool_maxsize = engine._log_streams() + 1
             client = _CLIENTS[key] = k8s.ApiClient(configuration)
     return client
 

@@ -47,8 +47,10 @@ class LogConsumer(AsyncJsonWebsocketConsumer):
         except Http404:
             await self.close(code=CLOSE_NOT_FOUND)
             return
-        query = parse_qs(self.scope.get("query_string", b"").decode())
-        self.stream = (query.get("stream") or [""])[0][:100]
+        # A hostile query (bytes that are not UTF-8, a NUL PostgreSQL cannot compare) names no
+        # stream: the follower gets an empty log, not a server error.
+        query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
+        self.stream = (query.get("stream") or [""])[0][:100].replace("\x00", "")
         await self.accept()
         self.task = asyncio.create_task(self.follow())
 

@@ -149,3 +149,18 @@ def test_a_follower_joining_late_gets_the_tail_then_every_new_line(member_user, 
         await ws.disconnect()
 
     async_to_sync(scenario)()
+
+
+@pytest.mark.parametrize("stream", ["process%00worker-0", "process:%ff%fe", "%00"])
+def test_a_hostile_stream_name_gets_an_empty_log_not_an_error(member_user, experiment, stream):
+    append_log(experiment.pk, "process:worker-0", "line\n")
+    ws = communicator_for(member_user, experiment.pk, stream=stream)
+
+    async def scenario():
+        connected, _ = await ws.connect()
+        assert connected
+        first = await ws.receive_json_from(timeout=5)
+        assert first["type"] == "lines" and first["lines"] == [] and first["total"] == 0
+        await ws.disconnect()
+
+    async_to_sync(scenario)()

@@ -10,6 +10,7 @@ from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpRespons
 from django.shortcuts import redirect, render
 from django.views.decorators.clickjacking import xframe_options_sameorigin
 from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_safe
 
 from experiments.access import get_experiment
 from experiments.models import Experiment
@@ -39,6 +40,7 @@ def tensorboard_proxy(request: HttpRequest, experiment_id, path: str = "") -> Ht
 
 
 @login_required
+@require_safe  # a link to follow; it changes nothing
 def project_tensorboard(request: HttpRequest, slug: str) -> HttpResponse:
     """/p/<slug>/tensorboard/?e=<id>&e=<id>…: to the chosen set's own URL (its key)."""
     project, _ = get_project(request.user, slug)
@@ -111,6 +113,7 @@ def _body(upstream: requests.Response):
 
 
 @login_required
+@require_safe  # a link to follow; it changes nothing
 def compare_runs(request: HttpRequest, slug: str) -> HttpResponse:
     """/p/<slug>/compare/?e=<id>&e=<id>…: a URL to paste into a discussion."""
     project, _ = get_project(request.user, slug)

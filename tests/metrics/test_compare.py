@@ -39,6 +39,7 @@ def test_comparison_highlights_the_changed_learning_rate(client, project, two_ru
     metrics_table = html[html.index('id="compare-metrics"') :]
     assert ">0.5<" in metrics_table and ">0.25<" in metrics_table
 
+    assert client.post(url).status_code == 405  # a link to paste: it changes nothing
     assert client.get(f"/p/{project.slug}/compare/?e={first.pk}").status_code == 400
     assert (
         client.get(f"/p/{project.slug}/compare/?e={first.pk}&e=00000000-0000-0000-0000-000000000000").status_code == 404

@@ -124,6 +124,7 @@ def test_project_tensorboard_shows_the_chosen_runs_to_members_only(
     # Chosen in either order, the set has one URL: viewers of the same set share it.
     assert client.get(entry).headers["Location"] == url
     assert client.get(f"/p/{project.slug}/tensorboard/?e={second.pk}&e={first.pk}").headers["Location"] == url
+    assert client.post(entry).status_code == 405  # a link to follow: it changes nothing
     status, page = set_get(client, url)
     assert status == 200 and b"<title>TensorBoard</title>" in page
     runs = {f"{first.short_id}/train", f"{first.short_id}/eval", f"{second.short_id}/train", f"{second.short_id}/eval"}

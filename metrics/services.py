@@ -6,11 +6,12 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError, ClientError
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
-from datasets.services import InvalidKey, LinkRefused, list_objects, open_object
+from datasets.services import InvalidKey, LinkRefused, StorageError, list_objects, open_object
 from datasets.storage import is_s3, s3_client
 from experiments.models import Experiment
 from metrics import parse
@@ -164,7 +165,13 @@ def read_tensorboard(experiment: Experiment, *, force: bool = False) -> int:
     for path, size in sorted(files):
         offset = offsets.get(path, 0)
         while size > offset:
-            data = read_event_file(bucket, folder, path, offset, size)
+            try:
+                data = read_event_file(bucket, folder, path, offset, size)
+            except (OSError, InvalidKey, StorageError, ClientError, BotoCoreError) as exc:
+                # Gone, or swapped for a folder or a link since the listing: the workload owns
+                # the folder. The other files and the stored series still answer.
+                log.info("event file %s of %s skipped: %s", path, experiment.pk, exc)
+                break
             payloads, used = parse.records(data)
             if not used:
                 break

@@ -118,3 +118,30 @@ def test_downsampling_keeps_spikes_and_bounds_points():
     out_steps, out_values = parse.downsample(steps, values, 1000)
     assert len(out_steps) <= 1000 and 9.0 in out_values and 54_321 in out_steps
     assert out_steps == sorted(out_steps)
+
+
+def test_an_event_file_swapped_for_a_folder_since_the_listing_is_skipped(client, project, member_user, monkeypatch):
+    """The workload owns its TensorBoard folder: an event file it replaced by a folder between the
+    listing and the read leaves the other files' series and the chart API answering."""
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    from datasets.services import ensure_buckets
+    from datasets.storage import bucket_root
+    from experiments.services import create_experiment
+    from metrics import services
+    from tests.metrics.workload import scalar
+
+    ensure_buckets(project)
+    experiment = create_experiment(project=project, message="aichor[t.yaml]: x", manifest_path="t.yaml")
+    bucket, folder = services.tensorboard_location(experiment)
+    writer = EventFileWriter(str(bucket_root(bucket) / folder / "train"))
+    for step in range(3):
+        writer.add_event(scalar("loss", 1.0 / (step + 1), step))
+    writer.close()
+    listing = services.event_files(bucket, folder)
+    swapped = bucket_root(bucket) / folder / "eval" / "events.out.tfevents.1"
+    swapped.mkdir(parents=True)  # listed as a file a moment ago
+    monkeypatch.setattr(services, "event_files", lambda *_: [("eval/events.out.tfevents.1", 500), *listing])
+
+    series, _ = metrics(client, member_user, experiment.pk)
+    assert series["train/loss"]["steps"] == [0, 1, 2]

@@ -275,7 +275,10 @@ def experiment_detail(request: HttpRequest, experiment_id) -> HttpResponse:
         "streams": streams,
         "initial_stream": initial,
         "resources": experiment.typed_manifest.totals() if experiment.manifest else None,
-        "resubmissions": list(experiment.resubmissions.only("id", "created_at", "status")),
+        # Only a finished experiment can be resubmitted: a running one has none to look up.
+        "resubmissions": list(experiment.resubmissions.only("id", "created_at", "status"))
+        if experiment.is_terminal
+        else [],
         "ws_path": f"/ws/experiments/{experiment.pk}/logs/",
         "section": "experiments",
     }

@@ -108,6 +108,8 @@ def server(procs: Processes) -> str:
         "websockets-sansio",
         "--lifespan",
         "off",
+        "--loop",
+        "aichor.asgi:ServerLoop",
         "--log-level",
         "warning",
     )

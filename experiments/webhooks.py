@@ -14,7 +14,7 @@ from urllib.parse import parse_qs
 
 from django.conf import settings
 from django.db import connection
-from django.http import Http404, HttpRequest, JsonResponse
+from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
@@ -126,14 +126,20 @@ PROJECT_SQL = (
 )
 
 
-def _project(slug: str) -> Project:
+def _project(slug: str) -> Project | None:
     # Read on every delivery, never cached: a changed webhook secret holds at once.
     with connection.cursor() as cursor:
         cursor.execute(PROJECT_SQL, [slug])
         row = cursor.fetchone()
     if row is None:
-        raise Http404("no such project")
+        return None
     return Project.from_db(connection.alias, PROJECT_FIELDS, row)
+
+
+def _no_project() -> JsonResponse:
+    # Not Http404: its page needs the user that middleware sets, and deliveries skip middleware
+    # (aichor.asgi.WebhookHandler), so an unknown slug was a 500.
+    return JsonResponse({"error": "no such project"}, status=404)
 
 
 def _ignored(reason: str) -> JsonResponse:
@@ -212,6 +218,8 @@ def _answer(project: Project, provider: str, delivery_id: str, body: bytes, push
 @require_POST
 def github(request: HttpRequest, slug: str) -> JsonResponse:
     project = _project(slug)
+    if project is None:
+        return _no_project()
     signature = request.headers.get("X-Hub-Signature-256", "")
     expected = "sha256=" + hmac.new(project.webhook_secret.encode(), request.body, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(signature, expected):
@@ -263,6 +271,8 @@ def github(request: HttpRequest, slug: str) -> JsonResponse:
 @require_POST
 def gitlab(request: HttpRequest, slug: str) -> JsonResponse:
     project = _project(slug)
+    if project is None:
+        return _no_project()
     token = request.headers.get("X-Gitlab-Token", "")
     if not hmac.compare_digest(token.encode(), project.webhook_secret.encode()):
         return JsonResponse({"error": "bad or missing X-Gitlab-Token"}, status=403)

@@ -44,8 +44,9 @@ if [[ ${DATABASE_URL:-} == postgres* ]]; then
 else
   WEB_WORKERS=${AICHOR_WEB_WORKERS:-1}
 fi
+# ServerLoop: a process busy with webhook deliveries leaves new connections to the others.
 "$BIN/uvicorn" aichor.asgi:application --host "$HOST" --port "$PORT" --workers "$WEB_WORKERS" \
-  --http httptools --ws websockets-sansio --lifespan off &
+  --http httptools --ws websockets-sansio --lifespan off --loop aichor.asgi:ServerLoop &
 pids+=($!)
 
 answers() {

@@ -153,7 +153,19 @@ def test_each_delivery_of_a_burst_queues_one_clone_task_on_redis(project, redis_
         message = json.loads(raw)
         args = kombu_json.loads(base64.b64decode(message["body"]))[0]
         if message["headers"]["task"] == "experiments.clone" and args and args[0] in created:
-            ours.append((raw, args[0]))
-    for raw, _ in ours:
+            ours.append((raw, args[0], message))
+    for raw, _, _ in ours:
         client.lrem(queue_name, 1, raw)
-    assert sorted(str(i) for _, i in ours) == sorted(str(i) for i in created)
+    assert sorted(str(i) for _, i, _ in ours) == sorted(str(i) for i in created)
+    # After the first, a thread's tasks are sent from a template of Celery's message: each is
+    # still a task of its own, with every field Celery gives one.
+    messages = [message for _, _, message in ours]
+    assert len({m["headers"]["id"] for m in messages}) == len({m["properties"]["delivery_tag"] for m in messages}) == 12
+    for message, (_, experiment_id, _) in zip(messages, ours, strict=True):
+        assert message["headers"]["id"] == message["headers"]["root_id"] == message["properties"]["correlation_id"]
+        assert message["headers"]["argsrepr"] == f"[UUID('{experiment_id}')]"
+        assert (message.keys(), message["headers"].keys(), message["properties"].keys()) == (
+            messages[0].keys(),
+            messages[0]["headers"].keys(),
+            messages[0]["properties"].keys(),
+        )

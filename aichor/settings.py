@@ -176,6 +176,10 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Celery's Django fixup closes a worker's database connection before and after every task unless
+# this many tasks may reuse it: effectively never here, as aichor.celery applies Django's own
+# rule instead (CONN_MAX_AGE, health checks), as for a request.
+CELERY_DB_REUSE_MAX = 1_000_000_000
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 # Two queues: clone, build and submit never wait behind watching, completion, stop and reconcile.

@@ -172,11 +172,13 @@ class CpuMeter:
         end, busy, wall = cpu_by_process(), busy_cpu_seconds(), time.time()
         used = {pid: cpu - self.start.get(pid, (name, 0.0))[1] for pid, (name, cpu) in end.items()}
         shares: dict[str, float] = {"machine": busy - self.busy, "wall": wall - self.wall}
-        mine = set()
-        for role, pids in self.roles.items():
-            tree = {p for pid in pids for p in [pid, *descendants(pid)]}
-            mine |= tree
-            shares[role] = sum(used.get(p, 0.0) for p in tree)
+        trees = {role: {p for pid in pids for p in [pid, *descendants(pid)]} for role, pids in self.roles.items()}
+        mine = set().union(*trees.values())
+        for role, tree in trees.items():
+            # A role's descendants that are another role's (this script's workers and web server)
+            # count there only, not twice.
+            nested = [trees[other] for other in trees if other != role and set(self.roles[other]) <= tree]
+            shares[role] = sum(used.get(p, 0.0) for p in tree.difference(*nested))
         for group, names in self.GROUPS.items():
             shares[group] = sum(cpu for pid, cpu in used.items() if pid not in mine and end[pid][0] in names)
         return shares

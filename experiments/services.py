@@ -273,12 +273,78 @@ def _set_step(experiment_id: UUID, step: str, new: str, *, reason: str = "", act
     return False
 
 
+_STEP_PAIR: dict[str, str] = {}
+
+
+def _step_pair_statement(db) -> str:
+    """The UPDATE of _next_step's fast path. Written out once: the ORM composes an update with
+    CASE anew on every call (~2 ms of CPU, a third of a step change)."""
+    if db.vendor not in _STEP_PAIR:
+        quote, meta = db.ops.quote_name, Step._meta
+        status, name, ended, started, experiment = (
+            quote(meta.get_field(field).column) for field in ("status", "name", "ended_at", "started_at", "experiment")
+        )
+        _STEP_PAIR[db.vendor] = (
+            f"UPDATE {quote(meta.db_table)} SET {status} = CASE WHEN {name} = %s THEN %s ELSE %s END, "
+            f"{ended} = CASE WHEN {name} = %s THEN %s ELSE {ended} END, "
+            f"{started} = CASE WHEN {name} = %s THEN %s ELSE {started} END "
+            f"WHERE {experiment} = %s AND (({name} = %s AND {status} = %s) OR ({name} = %s AND {status} = %s))"
+        )
+    return _STEP_PAIR[db.vendor]
+
+
+def _next_step(experiment_id: UUID, previous: str, outcome: str, step: str, now: datetime, reason: str = "") -> None:
+    """_set_step(previous → outcome) then _set_step(step → Running). Where a step change usually
+    finds them (Running, Initialize) both rows change in one update and both events go in one
+    insert: a step change is 2 queries, not 4. Otherwise the rows are taken one by one."""
+    if StepStatus.RUNNING not in allowed_from(STEP_TRANSITIONS, outcome):
+        _set_step(experiment_id, previous, outcome, reason=reason)
+        _set_step(experiment_id, step, StepStatus.RUNNING)
+        return
+    db = connections[DEFAULT_DB_ALIAS]
+    at = Step._meta.get_field("started_at").get_db_prep_value(now, db)
+    of = Step._meta.get_field("experiment").get_db_prep_value(experiment_id, db)
+    running, initialize = StepStatus.RUNNING, StepStatus.INITIALIZE
+    with db.cursor() as cursor:
+        cursor.execute(
+            _step_pair_statement(db),
+            [previous, outcome, running, previous, at, step, at, of, previous, running, step, initialize],
+        )
+        changed = cursor.rowcount
+    events = [
+        Event(
+            experiment_id=experiment_id, kind=Event.Kind.STEP, step=previous, old=running, new=outcome, reason=reason
+        ),
+        Event(experiment_id=experiment_id, kind=Event.Kind.STEP, step=step, old=initialize, new=running),
+    ]
+    if changed < 2:
+        # One row (or none) was elsewhere: the one changed above has this very `now`.
+        done = set(
+            Step.objects.filter(experiment_id=experiment_id, name__in=[previous, step])
+            .filter(Q(name=previous, ended_at=now) | Q(name=step, started_at=now))
+            .values_list("name", flat=True)
+        )
+        events = [event for event in events if event.step in done]
+        if previous not in done:
+            _set_step(experiment_id, previous, outcome, reason=reason)
+        if step not in done:
+            _set_step(experiment_id, step, StepStatus.RUNNING)
+    if events:
+        _insert(events)
+
+
 def begin_step(
-    experiment_id: UUID, step: str, *, previous_outcome: str = StepStatus.SUCCEEDED, reason: str = ""
+    experiment_id: UUID,
+    step: str,
+    *,
+    previous_outcome: str = StepStatus.SUCCEEDED,
+    reason: str = "",
+    fields: dict | None = None,
 ) -> bool:
     """Move an active experiment from the step before `step` into `step`. False when the
     experiment is no longer there to move (cancelled, failed, or already moved by a twin task),
-    or, for Waiting → Cloning, when its engine has no free slot for its project yet."""
+    or, for Waiting → Cloning, when its engine has no free slot for its project yet. `fields`
+    of the experiment are set in the same update (what the step begins with: Running's handle)."""
     index = STEP_ORDER.index(step)
     previous = STEP_ORDER[index - 1]
     now = timezone.now()
@@ -287,11 +353,10 @@ def begin_step(
     with transaction.atomic():
         # Past Waiting an experiment is Processing: that update first, one query instead of two.
         if not Experiment.objects.filter(pk=experiment_id, status=Status.PROCESSING, current_step=previous).update(
-            current_step=step, heartbeat_at=now
-        ) and not _move_from_created(experiment_id, previous, step, now):
+            current_step=step, heartbeat_at=now, **(fields or {})
+        ) and not _move_from_created(experiment_id, previous, step, now, fields):
             return False
-        _set_step(experiment_id, previous, previous_outcome, reason=reason)
-        _set_step(experiment_id, step, StepStatus.RUNNING)
+        _next_step(experiment_id, previous, previous_outcome, step, now, reason)
         if step == StepName.RUNNING:
             signals.announce(experiment_id, signals.RUNNING)
     return True
@@ -350,13 +415,16 @@ def begin_completions(outcomes: dict[UUID, tuple[str, str]]) -> list[UUID]:
     return moved
 
 
-def _move_from_created(experiment_id: UUID, previous: str, step: str, now: datetime) -> bool:
+def _move_from_created(
+    experiment_id: UUID, previous: str, step: str, now: datetime, fields: dict | None = None
+) -> bool:
     moved = Experiment.objects.filter(pk=experiment_id, status=Status.CREATED, current_step=previous).update(
         status=Status.PROCESSING,
         current_step=step,
         heartbeat_at=now,
         started_at=Coalesce("started_at", now),
         waiting_reason="",
+        **(fields or {}),
     )
     if moved:
         Event.objects.create(
@@ -421,8 +489,7 @@ def _fill_slots(project_id, engine: Engine, *, own: Experiment | None = None) ->
 def _start_waiting(experiment_id: UUID, now: datetime) -> bool:
     if not _move_from_created(experiment_id, StepName.WAITING, StepName.CLONING, now):
         return False
-    _set_step(experiment_id, StepName.WAITING, StepStatus.SUCCEEDED)
-    _set_step(experiment_id, StepName.CLONING, StepStatus.RUNNING)
+    _next_step(experiment_id, StepName.WAITING, StepStatus.SUCCEEDED, StepName.CLONING, now)
     return True
 
 

@@ -371,7 +371,9 @@ class DockerEngine(SingleHostEngine):
     def start(self, workload: Workload, processes: list[ProcessSpec], mounts: list[Mount], *, log, cancelled) -> dict:
         experiment_id, image = workload.experiment_id, workload.image
         # A retried submit must not start twins (hold images only exist after a run: not here).
-        self._remove_containers(experiment_id)
+        # A first attempt has none: a labelled list less (the daemon walks every container).
+        if not self.first_attempt:
+            self._remove_containers(experiment_id)
         volumes = [m.source for m in mounts if m.kind == "volume"]
         for volume in volumes:
             # A retried submit finds it again (creating an existing volume returns it).

@@ -353,6 +353,9 @@ class SingleHostEngine(Engine):
 
     # The handle's key of {process name: what runs it} (container ids, pids).
     targets_key = ""
+    # Set by the caller of submit when no earlier attempt of it can have started anything (its
+    # step just began): start() may then skip looking for the twins a retried submit removes.
+    first_attempt = False
     # Completions held back to `parallelisms` are planned up front (a created container, a
     # written plan) but run only as earlier ones end: only the running ones count against the
     # process limit; holds_back_completions stays False for check_started's bound on the plans.

@@ -1,10 +1,14 @@
 """Cloning: fetch the code (Git or an uploaded archive) and validate its manifest."""
 
+import fcntl
+import functools
+import hashlib
 import os
 import shutil
 import subprocess
 import tarfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from uuid import UUID
 
@@ -21,11 +25,16 @@ from experiments.models import Experiment, StepName
 from experiments.pipeline.common import Liveness, StepFailed, enter, inside, workdir_of
 from experiments.queue import next_step
 
+GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
+# A full commit sha: only those are taken from a mirror (an abbreviated one could name another
+# object there than in a fresh clone).
+FULL_SHA_LENGTHS = (40, 64)
+
 
 def _git(args: list[str], cwd: Path, writer: LogWriter, cancelled: Liveness, timeout: float) -> None:
     """Callers put every value that came from outside after `--end-of-options` or `--`."""
     writer.line(redact_credentials("$ git " + " ".join(args)))
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
+    env = {**os.environ, **GIT_ENV}
     proc = subprocess.Popen(
         ["git", *git_safety(allow_local=settings.ALLOW_LOCAL_REPOS), *args],
         cwd=cwd,
@@ -72,8 +81,119 @@ def check_git_inputs(experiment: Experiment) -> None:
             raise StepFailed(f"refusing to fetch the code: invalid {what}: {exc}") from None
 
 
-def fetch_git(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: Liveness, depth: int = 1) -> None:
+def mirror_of(experiment: Experiment) -> Path:
+    """The project's local mirror of its repository: one per project and clone URL, so a
+    project never reads commits another project fetched (nor ones its old URL served)."""
+    url = hashlib.sha256(experiment.clone_url.encode()).hexdigest()[:16]
+    return Path(settings.WORK_DIR) / "git-mirrors" / f"{experiment.project_id}-{url}.git"
+
+
+@contextmanager
+def _mirror_lock(mirror: Path, cancelled: Liveness):
+    """One fetch into a mirror at a time, across threads and worker processes of this host
+    (two fetches would race on its shallow file); readers need no lock."""
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    with open(mirror.with_suffix(".lock"), "a") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if cancelled():
+                    raise Cancelled() from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _checkout_from(mirror: Path, sha: str, dest: Path) -> bool:
+    """Write the tree of commit `sha` from `mirror` into the empty folder `dest`: one local git
+    call, no transport. False (and `dest` empty) when the mirror does not have the commit."""
+    if not (mirror / "HEAD").exists():
+        return False
+    # An index of its own (the mirror's is shared), outside `dest` (the build context).
+    index = mirror.parent / f"{dest.name}.{os.urandom(4).hex()}.index"
+    try:
+        done = subprocess.run(
+            [
+                "git",
+                *git_safety(allow_local=settings.ALLOW_LOCAL_REPOS),
+                f"--git-dir={mirror}",
+                f"--work-tree={dest}",
+                "checkout",
+                "-q",
+                sha,
+                "--",
+                ".",
+            ],
+            env={**os.environ, **GIT_ENV, "GIT_INDEX_FILE": str(index)},
+            capture_output=True,
+            timeout=settings.CLONE_TIMEOUT_SECONDS,
+        )
+    except subprocess.TimeoutExpired:
+        done = None
+    finally:
+        index.unlink(missing_ok=True)
+    if done is None or done.returncode != 0:
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        return False
+    return True
+
+
+def _fetch_from_mirror(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: Liveness) -> bool:
+    """The commit's code from the project's mirror, fetching it into the mirror first when it
+    is not there yet: N experiments of one commit fetch it once, and each then costs one local
+    git call instead of a clone (init, fetch, upload-pack, pack-objects, unpack, checkout...).
+    The folder gets exactly that commit's tree, without .git. False when the mirror cannot
+    serve it (the caller clones as before)."""
+    sha, mirror = experiment.commit_sha, mirror_of(experiment)
+    timeout = settings.CLONE_TIMEOUT_SECONDS
+    dest.mkdir(parents=True, exist_ok=True)
+    if not _checkout_from(mirror, sha, dest):
+        with _mirror_lock(mirror, cancelled):
+            # Fetched by another experiment while this one waited for the lock?
+            if not _checkout_from(mirror, sha, dest):
+                if not (mirror / "HEAD").exists():
+                    mirror.mkdir(parents=True, exist_ok=True)
+                    _git(["init", "-q", "--bare", "--template="], mirror, writer, cancelled, timeout)
+                fetch = ["fetch", "-q", "--no-tags", "--no-write-fetch-head"]
+                try:
+                    _git(
+                        [*fetch, "--depth=1", "--end-of-options", experiment.clone_url, sha],
+                        mirror,
+                        writer,
+                        cancelled,
+                        timeout,
+                    )
+                except StepFailed:
+                    writer.line("fetching the commit directly was refused; fetching the branch history instead")
+                    ref = experiment.branch or "HEAD"
+                    _git([*fetch, "--end-of-options", experiment.clone_url, ref], mirror, writer, cancelled, timeout)
+                if not _checkout_from(mirror, sha, dest):
+                    return False
+    writer.line(f"checked out {sha} from the project's repository mirror")
+    return True
+
+
+def fetch_git(
+    experiment: Experiment,
+    dest: Path,
+    writer: LogWriter,
+    cancelled: Liveness,
+    depth: int = 1,
+    *,
+    mirror: bool = False,
+) -> None:
+    """The commit's code into `dest`: a clone (with .git), or with `mirror` possibly just the
+    commit's files from the project's mirror (no .git: see fetch_code)."""
     check_git_inputs(experiment)
+    if mirror and len(experiment.commit_sha) in FULL_SHA_LENGTHS:
+        if _fetch_from_mirror(experiment, dest, writer, cancelled):
+            return
+        writer.line("the repository mirror cannot serve this commit: cloning instead")
     timeout = settings.CLONE_TIMEOUT_SECONDS
     dest.mkdir(parents=True, exist_ok=True)
     # No template: its sample hooks are copied for nothing, a third of the init's time.
@@ -115,6 +235,14 @@ def fetch_git(experiment: Experiment, dest: Path, writer: LogWriter, cancelled: 
         experiment.commit_sha = sha
 
 
+@functools.lru_cache(maxsize=32)
+def _parsed(text: str, pvcs: frozenset[str]) -> Manifest:
+    """parse_manifest, kept for the next experiment of a sweep: the same manifest text (the
+    same commit) parses to the same manifest, and its YAML took a tenth of a clone's CPU. The
+    manifest is only read (frozen dataclasses); errors are raised again each time."""
+    return parse_manifest(text, known_pvcs=set(pvcs))
+
+
 def unpack_archive(experiment: Experiment, dest: Path, writer: LogWriter) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     max_bytes, max_files = settings.MAX_UNPACKED_BYTES, settings.MAX_ARCHIVE_FILES
@@ -152,13 +280,13 @@ def fetch_code(experiment: Experiment, dest: Path, writer: LogWriter, cancelled:
     if experiment.source == Experiment.Source.ARCHIVE:
         unpack_archive(experiment, dest, writer)
     else:
-        fetch_git(experiment, dest, writer, cancelled)
+        fetch_git(experiment, dest, writer, cancelled, mirror=True)
     manifest_file = inside(dest, experiment.manifest_path, "the manifest path")
     if not manifest_file.is_file():
         raise StepFailed(f"manifest {experiment.manifest_path} not found in the code")
     text = manifest_file.read_text(errors="replace")
     pvcs = set(experiment.project.pvcs.values_list("name", flat=True))
-    manifest = parse_manifest(text, known_pvcs=pvcs)
+    manifest = _parsed(text, frozenset(pvcs))
     # Counted from the manifest's numbers, before anything plans one process per replica: a
     # jobset of 1000 × 1000 must fail here, cheaply, never reach plan_processes.
     too_many = check_processes(manifest, experiment.engine)
@@ -169,6 +297,11 @@ def fetch_code(experiment: Experiment, dest: Path, writer: LogWriter, cancelled:
     clone = manifest.clone
     if experiment.source == Experiment.Source.GIT:
         timeout = settings.CLONE_TIMEOUT_SECONDS
+        needs_git = clone.include_dot_git or clone.depth > 1 or clone.submodules != "false"
+        if needs_git and not (dest / ".git").exists():
+            # From the mirror: the files alone. These options work on a clone of its own.
+            shutil.rmtree(dest, ignore_errors=True)
+            fetch_git(experiment, dest, writer, cancelled)
         if clone.include_dot_git:
             # The workload sees an ordinary clone; relative submodule URLs resolve against it.
             _git(["remote", "add", "--", "origin", experiment.clone_url], dest, writer, cancelled, timeout)

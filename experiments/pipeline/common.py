@@ -24,19 +24,27 @@ class StepFailed(Exception):
 
 class Liveness:
     """Called often from slow loops: says whether to give up (cancelled) and keeps the
-    heartbeat fresh so reconcile leaves a working task alone."""
+    heartbeat fresh so reconcile leaves a working task alone. Made as its step begins, which
+    found the experiment active and beat its heartbeat: the database is asked again after
+    `check` seconds (a cancel is seen that much later at most, and a submit or clone of a
+    fraction of a second asks nothing), the heartbeat beaten every `every` seconds."""
 
-    def __init__(self, experiment_id: UUID, every: float = 5.0) -> None:
+    def __init__(self, experiment_id: UUID, every: float = 5.0, check: float = 0.25) -> None:
         self.experiment_id = experiment_id
         self.every = every
-        self._last = 0.0
+        self.check = check
+        self._last = self._checked = time.monotonic()
+        self._cancelled = False
 
     def __call__(self) -> bool:
         now = time.monotonic()
         if now - self._last >= self.every:
-            self._last = now
-            return not services.heartbeat(self.experiment_id)
-        return not services.is_active(self.experiment_id)
+            self._last = self._checked = now
+            self._cancelled = not services.heartbeat(self.experiment_id)
+        elif now - self._checked >= self.check:
+            self._checked = now
+            self._cancelled = not services.is_active(self.experiment_id)
+        return self._cancelled
 
 
 def workdir_of(experiment_id: UUID) -> Path:
@@ -44,14 +52,18 @@ def workdir_of(experiment_id: UUID) -> Path:
 
 
 def enter(experiment_id: UUID, step: str) -> Experiment | None:
-    """Begin `step`, or resume it when reconcile re-enqueued a lost task."""
+    """Begin `step`, or resume it when reconcile re-enqueued a lost task: the experiment's
+    `resumed` then says so (an earlier attempt may have left work behind)."""
     if not services.begin_step(experiment_id, step):
         experiment = Experiment.objects.filter(pk=experiment_id).select_related("project", "engine").first()
         if not experiment or experiment.is_terminal or experiment.current_step != step:
             return None
         services.heartbeat(experiment_id)
+        experiment.resumed = True
         return experiment
-    return Experiment.objects.select_related("project", "engine").get(pk=experiment_id)
+    experiment = Experiment.objects.select_related("project", "engine").get(pk=experiment_id)
+    experiment.resumed = False
+    return experiment
 
 
 def inside(root: Path, relative: str, what: str) -> Path:

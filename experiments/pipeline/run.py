@@ -22,6 +22,8 @@ def run_submit(experiment_id) -> None:
     with LogWriter(experiment.pk, f"step:{StepName.SUBMITTING}") as writer:
         try:
             engine = get_engine(experiment.engine)
+            # A submit that just began has no earlier attempt whose processes to remove first.
+            engine.first_attempt = not experiment.resumed
             too_many = (
                 None if engine.holds_back_completions else check_started(experiment.typed_manifest, experiment.engine)
             )
@@ -43,10 +45,11 @@ def run_submit(experiment_id) -> None:
             return
     deadline = timezone.now() + timedelta(seconds=workload.timeout) if workload.timeout else None
     state = watch_state_of({}, engine.processes(handle))
-    # A cancel that raced the submission finds the handle, or the check below cleans up.
-    if not services.record_submission(experiment.pk, handle, deadline, state) or not services.begin_step(
-        experiment.pk, StepName.RUNNING
-    ):
+    # The handle is recorded with the move into Running (one update, and the watcher never
+    # sees a Running experiment without it); a cancel that came first finds neither, and the
+    # check below removes what the engine made.
+    submission = {"handle": handle, "deadline_at": deadline, "watch_state": state}
+    if not services.begin_step(experiment.pk, StepName.RUNNING, fields=submission):
         engine.cancel(handle)
         engine.cleanup(handle)
         return

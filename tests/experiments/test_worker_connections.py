@@ -4,6 +4,7 @@ when the database dropped that connection meanwhile (a restart, an idle timeout)
 
 import pytest
 from django.db import connection
+from django.db.backends.signals import connection_created
 
 from experiments import services
 from experiments.models import EngineWatch, Status
@@ -14,17 +15,32 @@ pytestmark = pytest.mark.django_db(transaction=True)
 MANIFEST = "aichor_manifests/train.yaml"
 
 
-def terminate_other_connections() -> int:
+@pytest.fixture
+def opened_backends():
+    """The PostgreSQL backends of the connections this test's threads open: only those are
+    dropped, not the ones other tests' live servers keep in this process."""
+    pids = set()
+
+    def note(sender, connection, **kwargs):
+        pids.add(connection.connection.info.backend_pid)
+
+    connection_created.connect(note)
+    yield pids
+    connection_created.disconnect(note)
+
+
+def terminate(pids: set[int]) -> int:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " WHERE pid = ANY(%s) AND pid <> pg_backend_pid()",
+            [list(pids)],
         )
         return cursor.fetchone()[0]
 
 
 def test_a_worker_whose_connection_the_database_dropped_runs_the_next_experiment(
-    project, git_repo, monkeypatch, celery_worker_thread
+    project, git_repo, monkeypatch, celery_worker_thread, opened_backends
 ):
     if connection.vendor != "postgresql":
         pytest.skip("terminating another session's connection is PostgreSQL's")
@@ -37,10 +53,10 @@ def test_a_worker_whose_connection_the_database_dropped_runs_the_next_experiment
     # Once the engine's watcher has stopped too, every connection left is one kept between tasks.
     wait_for(lambda: not EngineWatch.objects.exclude(owner="").exists(), message="the watcher stopped")
 
-    assert terminate_other_connections() >= 1  # the worker's, kept
+    assert terminate(opened_backends) >= 1  # the worker's, kept
 
     second = services.create_experiment(project=project, commit_sha=sha, branch="main", manifest_path=MANIFEST)
     experiment = ended(second.pk)
     assert experiment.status == Status.SUCCEEDED, experiment.failure_reason
     wait_for(lambda: not EngineWatch.objects.exclude(owner="").exists(), message="the watcher stopped")
-    terminate_other_connections()  # none left open for the test database's removal
+    terminate(opened_backends)  # none left open for the test database's removal

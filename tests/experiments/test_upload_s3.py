@@ -110,7 +110,14 @@ def pending_uploads(s3, bucket: str) -> list[dict]:
 
 
 # --- The path -----------------------------------------------------------------------------
+def server_disk_archives() -> list[str]:
+    """The archives stored on the server's own disk (the filesystem path's storage)."""
+    return sorted(default_storage.listdir("archives")[1]) if default_storage.exists("archives") else []
+
+
 def test_archive_goes_to_the_bucket_and_the_clone_reads_it_from_there(s3, member_api, settings, member_user):
+    # Other tests of this process may have stored archives on the server's disk: none more here.
+    on_disk = server_disk_archives()
     blob = os.urandom(11 * MiB)
     data = tar_of({"aichor_manifests/manifest.yaml": manifest_yaml("true").encode(), "src/blob.bin": blob})
     started = member_api.start(data, message="from laptop")
@@ -127,7 +134,7 @@ def test_archive_goes_to_the_bucket_and_the_clone_reads_it_from_there(s3, member
     assert experiment.archive.startswith(f"s3://{bucket}/archives/")
     key = experiment.archive.removeprefix(f"s3://{bucket}/")
     assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data
-    assert not default_storage.exists("archives")  # nothing went through the server's disk
+    assert server_disk_archives() == on_disk  # nothing went through the server's disk
 
     run_clone(experiment.pk)
     experiment.refresh_from_db()

@@ -211,6 +211,21 @@ def remove_containers(client, label: str, keep=lambda labels: True) -> None:
         list(pool.map(remove, found))
 
 
+def remove_tags(client, prefix: str) -> None:
+    """The run's image tags (one per experiment): left behind, they would make the next run's
+    daemon slower at tagging (it rewrites its whole list of tags on each)."""
+    tags = [tag for image in client.api.images() for tag in image.get("RepoTags") or [] if tag.startswith(prefix)]
+
+    def remove(tag: str) -> None:
+        try:
+            client.api.remove_image(tag)
+        except Exception:  # already gone
+            pass
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(remove, tags))
+
+
 def bare_run(image: str, n: int, at_once: int) -> float:
     """Seconds for `docker run -d` of n containers, `at_once` commands in flight."""
     import subprocess
@@ -292,7 +307,7 @@ def main() -> None:
         name="bench-watch-docker",
         defaults={"kind": "docker", "config": {"network": "none", MAX_RUNNING: limit, MAX_PROCESSES: limit}},
     )
-    create_project(
+    project = create_project(
         name="Bench watch", slug="bench-watch", repo_clone_url=repo.url, engines=[engine], webhook_secret="bench"
     )
     sha = repo.commit(
@@ -362,6 +377,7 @@ def main() -> None:
         remove_containers(client, BARE_LABEL)
         ours = set(ids)
         remove_containers(client, LABEL, keep=lambda labels: labels.get(LABEL) in ours)
+        remove_tags(client, f"aichor/{project.namespace}/")
         redis.Redis.from_url(env["REDIS_URL"]).flushdb()
     report(results)
 

@@ -21,6 +21,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from urllib.parse import parse_qs
@@ -79,6 +80,7 @@ class Parked:
     held: bool
     buffer: bytearray = field(default_factory=bytearray)
     timer: asyncio.TimerHandle | None = None
+    expire: Callable[[], None] | None = None  # closes it now, as its timer would
 
 
 # Parked shells of this server process, keyed by (user id, experiment id, process, resume token):
@@ -86,8 +88,29 @@ class Parked:
 # Touched from the event loop only. A reconnect that lands on another server process opens a
 # fresh shell: the engine's exec stream cannot be handed between processes.
 _PARKED: dict[tuple, Parked] = {}
+# Parked shells being closed (their session event still to write): kept so nothing drops them
+# half-way, and so close_parked_sessions can wait for them.
+_CLOSING: set[asyncio.Task] = set()
 PARKED_BYTES = 256 * 1024
 RESUME_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+def _closing(coroutine) -> None:
+    task = asyncio.ensure_future(coroutine)
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
+
+
+async def close_parked_sessions() -> None:
+    """Ends every parked shell of this process now, as if its reattach time were up, and waits
+    until the session events are written, including those of shells already closing."""
+    for parked in list(_PARKED.values()):
+        if parked.timer:
+            parked.timer.cancel()
+        if parked.expire:
+            parked.expire()
+    if _CLOSING:
+        await asyncio.wait(set(_CLOSING))
 
 
 class Refused(Exception):
@@ -398,7 +421,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             if data is None:
                 _PARKED.pop(key, None)
                 loop.remove_reader(parked.fd)
-                asyncio.ensure_future(consumer._close_parked(parked, "the shell exited while disconnected"))
+                _closing(consumer._close_parked(parked, "the shell exited while disconnected"))
             elif data:
                 parked.buffer += data
                 del parked.buffer[:-PARKED_BYTES]
@@ -407,10 +430,11 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             if _PARKED.get(key) is parked:
                 del _PARKED[key]
                 loop.remove_reader(parked.fd)
-                asyncio.ensure_future(consumer._close_parked(parked, "the browser went away"))
+                _closing(consumer._close_parked(parked, "the browser went away"))
 
         loop.add_reader(self.fd, on_readable)
         parked.timer = loop.call_later(settings.TERMINAL_REATTACH_SECONDS, expire)
+        parked.expire = expire
         _PARKED[key] = parked
         self.session = None
         return True

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.helpers import GitRepo, ensure_test_image, unavailable, wait_for
+from tests.helpers import LIVE_SERVERS, GitRepo, ensure_test_image, unavailable, wait_for
 
 
 def pytest_configure(config):
@@ -288,6 +288,8 @@ def asgi_server_url():
     thread.start()
     wait_for(lambda: server.started, timeout=20, message="uvicorn to listen")
     host, port = server.servers[0].sockets[0].getsockname()[:2]
+    LIVE_SERVERS.append((server, server.servers[0].get_loop()))
     yield f"http://{host}:{port}"
+    LIVE_SERVERS.remove((server, server.servers[0].get_loop()))
     server.should_exit = True
     thread.join(10)

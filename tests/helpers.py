@@ -272,3 +272,25 @@ class ContainerEvents:
     def close(self) -> None:
         self._stream.close()
         self._thread.join(5)
+
+
+# The uvicorn servers of this test process (tests/conftest.py's asgi_server_url), with their loops.
+LIVE_SERVERS: list = []
+
+
+def settle_live_server() -> None:
+    """Wait until the live server is done with the test that ends: parked terminal shells closed
+    (their events written) and no request or WebSocket handler still running. A handler that
+    writes while the test database is flushed deadlocks with the flush's TRUNCATE."""
+    import asyncio
+
+    from experiments.terminal import close_parked_sessions
+
+    async def settle(server) -> None:
+        await close_parked_sessions()
+        deadline = time.monotonic() + 10
+        while server.server_state.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    for server, loop in LIVE_SERVERS:
+        asyncio.run_coroutine_threadsafe(settle(server), loop).result(timeout=30)

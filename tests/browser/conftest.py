@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import unavailable
+from tests.helpers import settle_live_server, unavailable
 
 CHROMIUM = os.environ.get("AICHOR_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -42,9 +42,11 @@ class LiveServer:
 
 
 @pytest.fixture
-def live_asgi(asgi_server_url, transactional_db) -> LiveServer:
+def live_asgi(asgi_server_url, transactional_db):
     """The dashboard over real HTTP + WebSockets, seeing this test's committed data."""
-    return LiveServer(url=asgi_server_url, ws_url=asgi_server_url.replace("http://", "ws://", 1))
+    yield LiveServer(url=asgi_server_url, ws_url=asgi_server_url.replace("http://", "ws://", 1))
+    # Torn down after the browser page and before the database flush (which needs it settled).
+    settle_live_server()
 
 
 @pytest.fixture(scope="session")

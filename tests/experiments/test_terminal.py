@@ -13,7 +13,7 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
 
-from experiments import services
+from experiments import services, terminal
 from experiments.engines import get_engine
 from experiments.manifest import parse_manifest
 from experiments.models import Event, Experiment, Status, StepName
@@ -348,6 +348,25 @@ def test_dropped_connection_reattaches_to_the_same_shell(running, member_user, s
     opened = Event.objects.filter(experiment=running, data__terminal="open")
     assert opened.count() == 2  # the re-attach was no new session
     assert events[-1].data["reason"] == "the browser went away"
+
+
+def test_closing_parked_shells_records_them_at_once(running, member_user, settings):
+    # A server that stops (or a test that ends) does not wait out the reattach window: parked
+    # shells are closed and their sessions recorded before it goes.
+    settings.TERMINAL_REATTACH_SECONDS = 600
+
+    async def scenario():
+        comm = await open_terminal(running.pk, member_user, "worker-0", resume="p" * 24)
+        await comm.send_to(bytes_data=b"echo parked-$((3*3))\n")
+        await read_until(comm, rb"parked-9")
+        await comm.disconnect(code=1006)
+        assert terminal._PARKED
+        await terminal.close_parked_sessions()
+        assert not terminal._PARKED
+
+    run(scenario)
+    closed = Event.objects.get(experiment=running, data__terminal="close")
+    assert closed.data["reason"] == "the browser went away"
 
 
 @pytest.mark.django_db(transaction=True)

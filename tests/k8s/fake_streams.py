@@ -113,11 +113,29 @@ def _logs(handler, pod: dict, kubelet) -> None:
             sent += len(data)
             if (limit is not None and sent >= limit) or kubelet.stopped.is_set():
                 break
+        else:
+            if kwargs["follow"]:
+                # Some Docker builds (Debian's 20.10.24+b6) end a followed log at the
+                # container's exit without its unfinished last line; a kubelet serves the log
+                # file to its end. The rest comes from a one-shot read of the same log.
+                rest = _rest_of_log(kubelet, status, kwargs, sent)
+                if limit is not None:
+                    rest = rest[: limit - sent]
+                if rest:
+                    handler.chunk(rest)
         handler.end_chunked()
     except OSError:
         handler.close_connection = True
     finally:
         stream.close()
+
+
+def _rest_of_log(kubelet, status: dict, kwargs: dict, sent: int) -> bytes:
+    try:
+        whole = b"".join(kubelet.docker.api.logs(_docker_id(status), **{**kwargs, "follow": False}))
+    except Exception:  # the container is gone: what was sent is all there is
+        return b""
+    return whole[sent:]
 
 
 # --- WebSockets -----------------------------------------------------------------------------

@@ -393,17 +393,20 @@ JOBSETS = ("jobset.x-k8s.io", "v1alpha2", NS, "jobsets")
 
 def test_jobset_completes_with_indexes_and_hosts(api):
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-    # Each pod reaches the first pod by its JobSet hostname (`<jobset>-<job>-<i>-<index>.<subdomain>`).
+    # Each pod reaches the first pod by its JobSet hostname (`<jobset>-<job>-<i>-<index>.<subdomain>`),
+    # which exists once that pod runs: as real workloads do, the others try until it does.
     command = (
-        "echo global=$JOB_GLOBAL_INDEX index=$JOB_COMPLETION_INDEX; ping -c1 -W2 js-a-0-0.js >/dev/null && echo reached"
+        "echo global=$JOB_GLOBAL_INDEX index=$JOB_COMPLETION_INDEX; "
+        "for i in $(seq 100); do ping -c1 -W1 js-a-0-0.js >/dev/null && echo reached && break; sleep 0.2; done"
     )
     custom.create_namespaced_custom_object(*JOBSETS, jobset("js", command, groups=(("a", 1, 2), ("b", 2, 1))))
 
-    def completed():
+    def ended():
         status = custom.get_namespaced_custom_object(*JOBSETS, "js").get("status") or {}
-        return status.get("terminalState") == "Completed" and status
+        return status.get("terminalState") and status
 
-    status = wait_for(completed, message="the JobSet to complete")
+    status = wait_for(ended, message="the JobSet to end")
+    assert status["terminalState"] == "Completed", status
     assert {r["name"]: r["succeeded"] for r in status["replicatedJobsStatus"]} == {"a": 1, "b": 2}
     assert any(c["type"] == "Completed" and c["status"] == "True" for c in status["conditions"])
     jobs = sorted(j.metadata.name for j in client.BatchV1Api(api).list_namespaced_job(NS).items)

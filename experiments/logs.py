@@ -4,8 +4,9 @@ experiment row. One writer per stream (the task that owns the step or the proces
 import logging
 import threading
 import time
+from contextlib import nullcontext
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Max, Sum
 
 from experiments.models import LogChunk
@@ -28,7 +29,10 @@ class LogWriter:
         self._last_flush = time.monotonic()
         # A build streams from a reader thread while the step's loop flushes on a timer.
         self._lock = threading.RLock()
-        self._load_position()
+        # Where the stream ends is asked of the database only when the first chunk finds its
+        # place taken: most writers begin a new stream (a step's first attempt), and a resumed
+        # one loses one failed insert instead of every writer paying a query.
+        self._seq, self._lines = 0, 0
 
     def _load_position(self) -> None:
         agg = LogChunk.objects.filter(experiment_id=self.experiment_id, stream=self.stream).aggregate(
@@ -78,7 +82,8 @@ class LogWriter:
         count = text.count("\n") + (0 if text.endswith("\n") else 1)
         for _attempt in range(3):
             try:
-                with transaction.atomic():
+                # A savepoint only inside a transaction: alone, a failed insert harms nothing.
+                with transaction.atomic() if connection.in_atomic_block else nullcontext():
                     LogChunk.objects.create(
                         experiment_id=self.experiment_id,
                         stream=self.stream,
@@ -89,7 +94,8 @@ class LogWriter:
                     )
                 break
             except IntegrityError:
-                # Another writer (a retried task) appended meanwhile: continue after it.
+                # The stream goes on from an earlier attempt, or another writer (a retried
+                # task) appended meanwhile: continue after it.
                 self._load_position()
         self._seq += 1
         self._lines += count

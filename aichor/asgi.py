@@ -302,8 +302,27 @@ from aichor.routing import websocket_urlpatterns  # noqa: E402
 from experiments import queue  # noqa: E402
 from experiments.upload import route_archive_uploads  # noqa: E402
 
+
+async def lifespan(scope, receive, send) -> None:
+    """The server's start and stop (uvicorn --lifespan on). At the stop, once uvicorn has
+    closed the connections and their handlers are done, the terminal shells they parked are
+    closed and recorded: the timeline of each session ends, instead of the process going
+    with the shells and no close event."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            from experiments.terminal import close_parked_sessions
+
+            await close_parked_sessions("the server stopped")
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 application = ProtocolTypeRouter(
     {
+        "lifespan": lifespan,
         # Body limits and the anonymous check come first, from the headers alone; archive
         # uploads stream socket -> storage (Django would spool the whole body first).
         "http": limit_requests(route_archive_uploads(django_asgi_app)),

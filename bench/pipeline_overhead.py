@@ -107,7 +107,7 @@ def server(procs: Processes) -> str:
         "--ws",
         "websockets-sansio",
         "--lifespan",
-        "off",
+        "on",
         "--loop",
         "aichor.asgi:ServerLoop",
         "--log-level",

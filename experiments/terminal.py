@@ -80,7 +80,7 @@ class Parked:
     held: bool
     buffer: bytearray = field(default_factory=bytearray)
     timer: asyncio.TimerHandle | None = None
-    expire: Callable[[], None] | None = None  # closes it now, as its timer would
+    expire: Callable[[str], None] | None = None  # closes it now, as its timer would
 
 
 # Parked shells of this server process, keyed by (user id, experiment id, process, resume token):
@@ -101,14 +101,15 @@ def _closing(coroutine) -> None:
     task.add_done_callback(_CLOSING.discard)
 
 
-async def close_parked_sessions() -> None:
+async def close_parked_sessions(why: str = "the browser went away") -> None:
     """Ends every parked shell of this process now, as if its reattach time were up, and waits
-    until the session events are written, including those of shells already closing."""
+    until the session events are written, including those of shells already closing. Called
+    as the server stops (aichor.asgi's lifespan) and by tests as each ends."""
     for parked in list(_PARKED.values()):
         if parked.timer:
             parked.timer.cancel()
         if parked.expire:
-            parked.expire()
+            parked.expire(why)
     if _CLOSING:
         await asyncio.wait(set(_CLOSING))
 
@@ -426,11 +427,11 @@ class TerminalConsumer(AsyncWebsocketConsumer):
                 parked.buffer += data
                 del parked.buffer[:-PARKED_BYTES]
 
-        def expire() -> None:
+        def expire(why: str = "the browser went away") -> None:
             if _PARKED.get(key) is parked:
                 del _PARKED[key]
                 loop.remove_reader(parked.fd)
-                _closing(consumer._close_parked(parked, "the browser went away"))
+                _closing(consumer._close_parked(parked, why))
 
         loop.add_reader(self.fd, on_readable)
         parked.timer = loop.call_later(settings.TERMINAL_REATTACH_SECONDS, expire)

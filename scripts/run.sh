@@ -46,7 +46,7 @@ else
 fi
 # ServerLoop: a process busy with webhook deliveries leaves new connections to the others.
 "$BIN/uvicorn" aichor.asgi:application --host "$HOST" --port "$PORT" --workers "$WEB_WORKERS" \
-  --http httptools --ws websockets-sansio --lifespan off --loop aichor.asgi:ServerLoop &
+  --http httptools --ws websockets-sansio --lifespan on --loop aichor.asgi:ServerLoop &
 pids+=($!)
 
 answers() {

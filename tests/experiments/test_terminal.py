@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from asgiref.testing import ApplicationCommunicator
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
@@ -350,23 +351,30 @@ def test_dropped_connection_reattaches_to_the_same_shell(running, member_user, s
     assert events[-1].data["reason"] == "the browser went away"
 
 
-def test_closing_parked_shells_records_them_at_once(running, member_user, settings):
-    # A server that stops (or a test that ends) does not wait out the reattach window: parked
-    # shells are closed and their sessions recorded before it goes.
+def test_a_server_that_stops_records_the_shells_it_parked(running, member_user, settings):
+    # uvicorn closes the connections first (1012: the terminal parks its shell for a reconnect),
+    # then runs the lifespan shutdown: the shell is closed and its session recorded at once,
+    # not lost with the process nor left for the reattach window.
+    from aichor.asgi import application
+
     settings.TERMINAL_REATTACH_SECONDS = 600
 
     async def scenario():
         comm = await open_terminal(running.pk, member_user, "worker-0", resume="p" * 24)
         await comm.send_to(bytes_data=b"echo parked-$((3*3))\n")
         await read_until(comm, rb"parked-9")
-        await comm.disconnect(code=1006)
+        await comm.disconnect(code=1012)
         assert terminal._PARKED
-        await terminal.close_parked_sessions()
+        server = ApplicationCommunicator(application, {"type": "lifespan"})
+        await server.send_input({"type": "lifespan.startup"})
+        assert (await server.receive_output(5))["type"] == "lifespan.startup.complete"
+        await server.send_input({"type": "lifespan.shutdown"})
+        assert (await server.receive_output(15))["type"] == "lifespan.shutdown.complete"
         assert not terminal._PARKED
 
     run(scenario)
     closed = Event.objects.get(experiment=running, data__terminal="close")
-    assert closed.data["reason"] == "the browser went away"
+    assert closed.data["reason"] == "the server stopped"
 
 
 @pytest.mark.django_db(transaction=True)

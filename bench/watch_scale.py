@@ -10,7 +10,9 @@ sleeps until its own epoch (the delivered message's last word): release + 20..60
 release leaves time for all N to start, so all N run together in a steady phase before the
 first exit. One commit serves every delivery of a round: each body carries its own message, so
 the replay check lets each through as it would N commits, and clone, build (cached) and submit
-cost the same. Container start and exit times are the Docker daemon's events.
+cost the same. Container start and exit times are the Docker daemon's events. Each timed phase
+starts once the machine is nearly idle (at most a minute's wait), so neither side pays for the
+removal of the containers of the phase before it.
 
 Targets, per N:
 - container exit → Succeeded: p99 ≤ 2 s;
@@ -134,6 +136,20 @@ def busy_cpu_seconds() -> float:
     fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle, iowait
     return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def wait_until_quiet(what: str, limit: float = 60.0) -> None:
+    """Wait until the machine is nearly idle (under 15 % of its cores busy over a second), at
+    most `limit` seconds: removing hundreds of containers goes on in the daemon and the kernel
+    (unmounts, deleted layers, exiting shims) after the API has answered, and a phase timed
+    meanwhile would pay for the phase before it."""
+    start = time.time()
+    while time.time() - start < limit:
+        before = busy_cpu_seconds()
+        time.sleep(1.0)
+        if busy_cpu_seconds() - before < 0.15 * (os.cpu_count() or 1):
+            break
+    print(f"watch_scale: quiet before {what} after {time.time() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def cpu_by_process() -> dict[int, tuple[str, float]]:
@@ -385,11 +401,13 @@ def main() -> None:
 def one_round(n, client, deliver, events, logs, engine_id, watchers, roles, at_once, image, cancel) -> dict:
     from experiments.models import Experiment
 
+    wait_until_quiet(f"the bare run of {n}")
     print(f"watch_scale: N={n}: bare docker run -d ({at_once} at once)", file=sys.stderr, flush=True)
     meter = CpuMeter(roles)
     bare = bare_run(image, n, at_once)
     bare_cpu = meter.stop()
     remove_containers(client, BARE_LABEL)
+    wait_until_quiet(f"the {n} deliveries")
 
     # Time for all n to start before the first ends: twice the bare figure, at least 20 s.
     release = int(time.time() + max(20.0, 2 * bare) + 5)

@@ -8,6 +8,7 @@ from dataclasses import replace
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.db import connection
 from django.db.models import OuterRef, Q, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
@@ -66,6 +67,38 @@ def _filtered(experiments, filters: dict):
     return experiments
 
 
+ELSEWHERE_CAP = 1000
+
+
+def _elsewhere(in_project, project_id: int, engine: Engine, filters: dict) -> int:
+    """How many of the project's runs (up to ELSEWHERE_CAP) match the filters on engines other
+    than `engine`. A plain count read every experiment of the project on each view and poll
+    (50 ms at 100 000, 0.3 s at a million): the engines in use are found first, one index probe
+    each, and most projects have runs on one engine only."""
+    others = _engines_used(project_id) - {engine.pk}
+    if not others:
+        return 0
+    return _filtered(in_project.filter(engine_id__in=others), filters)[:ELSEWHERE_CAP].count()
+
+
+def _engines_used(project_id: int) -> set[int]:
+    """The engines the project's experiments ran on: a loose index scan of exp_list_idx (the
+    next engine after the last one found)."""
+    table = connection.ops.quote_name(Experiment._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""WITH RECURSIVE used(engine_id) AS (
+                SELECT MIN(engine_id) FROM {table} WHERE project_id = %s
+                UNION ALL
+                SELECT (SELECT MIN(engine_id) FROM {table} WHERE project_id = %s AND engine_id > used.engine_id)
+                FROM used WHERE used.engine_id IS NOT NULL
+            )
+            SELECT engine_id FROM used WHERE engine_id IS NOT NULL""",
+            [project_id, project_id],
+        )
+        return {engine_id for (engine_id,) in cursor.fetchall()}
+
+
 @login_required
 @require_GET
 def experiment_list(request: HttpRequest, slug: str) -> HttpResponse:
@@ -113,7 +146,8 @@ def experiment_list(request: HttpRequest, slug: str) -> HttpResponse:
         "engines": engines,
         "form": form,
         "experiments": rows,
-        "elsewhere": _filtered(in_project.exclude(engine=engine), filters).count() if engine else 0,
+        "elsewhere": _elsewhere(in_project, project.pk, engine, filters) if engine else 0,
+        "elsewhere_cap": ELSEWHERE_CAP,
         "all_engines_url": f"{request.path}?{all_query.urlencode()}",
         "next_url": next_url,
         "newest_url": f"{request.path}?{newest_query.urlencode()}",

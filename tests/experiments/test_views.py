@@ -200,6 +200,23 @@ def test_list_of_one_engine_says_how_many_runs_are_on_others(client, member_user
     assert 'id="elsewhere"' not in client.get("/p/vision/?engine=local").content.decode()
 
 
+def test_runs_on_other_engines_are_counted_up_to_a_cap(client, member_user, project, monkeypatch):
+    # Counted on every view and poll of the list: bounded, so a project with a million runs on
+    # its other engines does not count them all each time.
+    from experiments import views
+
+    gpu = Engine.objects.create(name="gpu-docker", kind=Engine.Kind.DOCKER)
+    cpu = Engine.objects.create(name="cpu-docker", kind=Engine.Kind.DOCKER)
+    project.engines.add(gpu, cpu)
+    for engine in (gpu, gpu, cpu):
+        services.create_experiment(project=project, engine=engine, manifest_path="m.yaml")
+    client.force_login(member_user)
+    assert "3 runs on other engines" in client.get("/p/vision/?engine=local").content.decode()
+    assert "1 run on other engines" in client.get("/p/vision/?engine=gpu-docker").content.decode()
+    monkeypatch.setattr(views, "ELSEWHERE_CAP", 2)
+    assert "2+ runs on other engines" in client.get("/p/vision/?engine=local").content.decode()
+
+
 def test_list_filters_by_status_author_and_text(client, member_user, project):
     running = make_experiment(project, message="aichor[a.yaml]: resnet baseline")
     done = finished(project, message="aichor[b.yaml]: vit sweep")

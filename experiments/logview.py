@@ -14,6 +14,7 @@ from django.db.models import F, Value
 from django.db.models.functions import StrIndex
 from django.utils import timezone
 
+from aichor.lib.sql import distinct_values
 from experiments.models import TERMINAL_STATUSES, Experiment, LogChunk
 
 # The most lines one answer (HTTP or WebSocket message) carries; more is fetched on demand.
@@ -176,24 +177,11 @@ def iter_text(experiment_id, stream: str) -> Iterator[str]:
 
 
 def stream_names(experiment_id) -> list[str]:
-    """The experiment's streams, in order. One index probe per stream (a loose index scan of
-    one_chunk_per_seq: the next stream after the last one found), where DISTINCT read every
-    chunk: the experiment page and each log follower ask while the log grows by thousands of
-    chunks, and rows just written cost a heap visit each."""
-    table = connection.ops.quote_name(LogChunk._meta.db_table)
+    """The experiment's streams, in order. One index probe per stream (one_chunk_per_seq), where
+    DISTINCT read every chunk: the experiment page and each log follower ask while the log grows
+    by thousands of chunks, and rows just written cost a heap visit each."""
     pk = LogChunk._meta.get_field("experiment").get_db_prep_value(experiment_id, connection)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""WITH RECURSIVE streams(stream) AS (
-                SELECT MIN(stream) FROM {table} WHERE experiment_id = %s
-                UNION ALL
-                SELECT (SELECT MIN(stream) FROM {table} WHERE experiment_id = %s AND stream > streams.stream)
-                FROM streams WHERE streams.stream IS NOT NULL
-            )
-            SELECT stream FROM streams WHERE stream IS NOT NULL ORDER BY stream""",
-            [pk, pk],
-        )
-        return [stream for (stream,) in cursor.fetchall()]
+    return distinct_values(LogChunk, "stream", "experiment_id", pk)
 
 
 def follow_ended(experiment_id) -> str | None:

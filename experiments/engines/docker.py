@@ -34,6 +34,7 @@ from experiments.engines import buildah
 from experiments.engines.base import Cancelled, EngineError, ExecSession, ProcessState
 from experiments.engines.single_host import (
     RAY_PORTS,
+    RAY_WORKER_PORTS,
     Mount,
     ProcessSpec,
     SingleHostEngine,
@@ -360,6 +361,20 @@ class DockerEngine(SingleHostEngine):
             *fixed, agent = RAY_PORTS
             return [*fixed, *range(agent, agent + ports_needed(workload) - len(fixed))]
         return super().ports(workload)
+
+    def ray_node_options(self, workload: Workload, node: int) -> dict[str, str]:
+        if self.network == "host":
+            return {}
+        # The nodes share the experiment's network namespace, and each raylet hands its workers
+        # ports from Ray's range without knowing the other nodes': two workers of two nodes
+        # could take one port, and the second dies at bind (its task then waits for good).
+        # Each node gets a slice of the range of its own, as a pod has the whole range.
+        low, high = RAY_WORKER_PORTS
+        span = (high - low + 1) // (1 + sum(g.replicas for g in workload.groups if g.role == "ray-worker"))
+        if span < 20:
+            return {}  # too many nodes to slice: Ray's own range, as before
+        start = low + node * span
+        return {"min-worker-port": str(start), "max-worker-port": str(start + span - 1)}
 
     def mounts(self, workload: Workload) -> list[Mount]:
         mounts = super().mounts(workload)

@@ -177,6 +177,8 @@ def plan_processes(
 
 # KubeRay's ports: GCS, dashboard and job server, client server, then the dashboard agent's.
 RAY_PORTS = (6379, 8265, 10001, 52365)
+# `ray start`'s default --min-worker-port and --max-worker-port.
+RAY_WORKER_PORTS = (10002, 19999)
 
 
 def _ray_port(params: dict[str, str], key: str, default: int) -> int:

@@ -169,6 +169,34 @@ def test_kuberay_head_and_workers_join_one_cluster_and_the_submitter_submits_a_j
     assert by_name["submitter"].endswith("ray job submit --address=http://h:8265 -- python train.py")
 
 
+def test_docker_ray_nodes_of_one_namespace_get_worker_ports_of_their_own():
+    # The nodes share the experiment's network namespace: two raylets handing out the same
+    # worker port would kill one worker at bind. The head's rayStartParams still win.
+    types = (
+        f"    Head:\n{RES}      rayStartParams:\n        num-cpus: '0'\n        max-worker-port: '13000'\n"
+        f"    Workers:\n      - name: small\n        count: 2\n{RES.replace('      ', '        ')}"
+    )
+    plan = workload("kuberay", types)
+    engine = DockerEngine({"network": "none"})
+    commands = {
+        p.name: p.command
+        for p in plan_processes(
+            plan, host="h", ports=engine.ports(plan), ray_node=lambda n: engine.ray_node_options(plan, n)
+        )
+    }
+
+    def flag(name: str, key: str) -> int:
+        return int(commands[name].split(f"--{key}=")[1].split()[0].strip("'"))
+
+    ranges = [(flag(n, "min-worker-port"), flag(n, "max-worker-port")) for n in ("small-0", "small-1")]
+    assert ranges == [(13334, 16665), (16666, 19997)]  # 3 332 ports a node, none shared
+    assert flag("head", "min-worker-port") == 10002
+    assert commands["head"].count("--max-worker-port=") == 1 and flag("head", "max-worker-port") == 13000
+    assert "min-worker-port" not in " ".join(
+        p.command for p in plan_processes(plan, host="h", ports=[6379, 8265, 10001, 52365, 52366, 52367])
+    ), "no slicing where nodes do not share a namespace (the default hook)"
+
+
 def test_parallelisms_hold_completions_in_queues_per_job():
     types = f"    workers:\n      count: 2\n      completions: 5\n      parallelisms: 2\n{RES}"
     processes = plan_processes(workload("jobset", types), host="h", ports=[1])

@@ -41,6 +41,7 @@ from experiments.engines.single_host import (
     described,
     held_back,
     ports_needed,
+    ray_node_count,
     shared_volume,
     tell_progress,
     to_start,
@@ -370,7 +371,7 @@ class DockerEngine(SingleHostEngine):
         # could take one port, and the second dies at bind (its task then waits for good).
         # Each node gets a slice of the range of its own, as a pod has the whole range.
         low, high = RAY_WORKER_PORTS
-        span = (high - low + 1) // (1 + sum(g.replicas for g in workload.groups if g.role == "ray-worker"))
+        span = (high - low + 1) // ray_node_count(workload)
         if span < 20:
             return {}  # too many nodes to slice: Ray's own range, as before
         start = low + node * span

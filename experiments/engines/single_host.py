@@ -181,6 +181,11 @@ RAY_PORTS = (6379, 8265, 10001, 52365)
 RAY_WORKER_PORTS = (10002, 19999)
 
 
+def ray_node_count(workload: Workload) -> int:
+    """The head and every worker replica: the `ray start` nodes of a KubeRay workload."""
+    return 1 + sum(g.replicas for g in workload.groups if g.role == "ray-worker")
+
+
 def _ray_port(params: dict[str, str], key: str, default: int) -> int:
     """A port the head's rayStartParams may set: a number, or a clear refusal in the step log."""
     value = params.get(key)
@@ -227,7 +232,7 @@ def _ray_processes(
     # RAY_SERVER: the name older AIchor code passes to ray.init(address=...).
     ray = {"RAY_ADDRESS": address, "RAY_SERVER": address}
     agent = iter(agents)
-    nodes = iter(range(1 + sum(g.replicas for g in workload.groups if g.role == "ray-worker")))
+    nodes = iter(range(ray_node_count(workload)))
 
     def start(group: Group, first: str, ours: dict[str, object]) -> str:
         port = next(agent, 0)

@@ -40,6 +40,7 @@ from experiments.engines.single_host import (
     SingleHostEngine,
     described,
     held_back,
+    loopback_address,
     ports_needed,
     ray_node_count,
     shared_volume,
@@ -364,18 +365,19 @@ class DockerEngine(SingleHostEngine):
         return super().ports(workload)
 
     def ray_node_options(self, workload: Workload, node: int) -> dict[str, str]:
+        # The nodes share one network namespace (the experiment's, or the host's).
+        options = {"node-ip-address": loopback_address(node)}
         if self.network == "host":
-            return {}
-        # The nodes share the experiment's network namespace, and each raylet hands its workers
-        # ports from Ray's range without knowing the other nodes': two workers of two nodes
-        # could take one port, and the second dies at bind (its task then waits for good).
-        # Each node gets a slice of the range of its own, as a pod has the whole range.
+            return options
+        # Each raylet hands its workers ports from Ray's range without knowing the other nodes':
+        # two workers of two nodes could take one port, and the second dies at bind. Each node
+        # gets a slice of the range of its own, as a pod has the whole range.
         low, high = RAY_WORKER_PORTS
         span = (high - low + 1) // ray_node_count(workload)
         if span < 20:
-            return {}  # too many nodes to slice: Ray's own range, as before
+            return options  # too many nodes to slice: Ray's own range, as before
         start = low + node * span
-        return {"min-worker-port": str(start), "max-worker-port": str(start + span - 1)}
+        return options | {"min-worker-port": str(start), "max-worker-port": str(start + span - 1)}
 
     def mounts(self, workload: Workload) -> list[Mount]:
         mounts = super().mounts(workload)

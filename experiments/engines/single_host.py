@@ -3,6 +3,7 @@ workload's groups become numbered processes reaching each other on 127.0.0.1 thr
 ports, with the distribution variables each operator's training code expects (SPEC §5), and
 the bucket volumes become folders under BUCKETS_ROOT."""
 
+import ipaddress
 import json
 import shlex
 import socket
@@ -179,6 +180,15 @@ def plan_processes(
 RAY_PORTS = (6379, 8265, 10001, 52365)
 # `ray start`'s default --min-worker-port and --max-worker-port.
 RAY_WORKER_PORTS = (10002, 19999)
+
+
+def loopback_address(node: int) -> str:
+    """The n-th Ray node's own loopback address: 127.0.0.1 for the head, then 127.0.0.2... (a
+    Linux loopback answers all of 127/8). Nodes sharing one network namespace must not share an
+    address: a driver finds its own node by address, and one that found another node sent its
+    tasks' leases to that node's raylet, whose stale view of the placement group's bundles kept a
+    task pending for good (the KubeRay test's occasional hang, seen in Ray 2.23)."""
+    return str(ipaddress.IPv4Address(HOST) + node)
 
 
 def ray_node_count(workload: Workload) -> int:

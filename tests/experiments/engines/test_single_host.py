@@ -169,9 +169,10 @@ def test_kuberay_head_and_workers_join_one_cluster_and_the_submitter_submits_a_j
     assert by_name["submitter"].endswith("ray job submit --address=http://h:8265 -- python train.py")
 
 
-def test_docker_ray_nodes_of_one_namespace_get_worker_ports_of_their_own():
+def test_docker_ray_nodes_of_one_namespace_get_worker_ports_and_addresses_of_their_own():
     # The nodes share the experiment's network namespace: two raylets handing out the same
-    # worker port would kill one worker at bind. The head's rayStartParams still win.
+    # worker port would kill one worker at bind, and a driver finds its own node by address.
+    # The head's rayStartParams still win.
     types = (
         f"    Head:\n{RES}      rayStartParams:\n        num-cpus: '0'\n        max-worker-port: '13000'\n"
         f"    Workers:\n      - name: small\n        count: 2\n{RES.replace('      ', '        ')}"
@@ -192,6 +193,22 @@ def test_docker_ray_nodes_of_one_namespace_get_worker_ports_of_their_own():
     assert ranges == [(13334, 16665), (16666, 19997)]  # 3 332 ports a node, none shared
     assert flag("head", "min-worker-port") == 10002
     assert commands["head"].count("--max-worker-port=") == 1 and flag("head", "max-worker-port") == 13000
+    nodes = ("head", "small-0", "small-1")
+    addresses = [commands[name].split("--node-ip-address=")[1].split()[0].strip("'") for name in nodes]
+    assert addresses == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    assert all(commands[name].count("--node-ip-address=") == 1 for name in nodes)
+    on_host = DockerEngine({"network": "host"})
+    host_commands = [
+        p.command
+        for p in plan_processes(
+            plan, host="h", ports=[6379, 8265, 10001], ray_node=lambda n: on_host.ray_node_options(plan, n)
+        )
+    ]
+    assert [c.split("--node-ip-address=")[1].split()[0] for c in host_commands[:3]] == [
+        "127.0.0.1",
+        "127.0.0.2",
+        "127.0.0.3",
+    ], "the host's network is one namespace too"
     assert "min-worker-port" not in " ".join(
         p.command for p in plan_processes(plan, host="h", ports=[6379, 8265, 10001, 52365, 52366, 52367])
     ), "no slicing where nodes do not share a namespace (the default hook)"

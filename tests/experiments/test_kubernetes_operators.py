@@ -95,7 +95,9 @@ def test_pytorch_worker_form_of_three_meets_at_worker_0(
         'if [ "$RANK" = 0 ]; then '
         'nc -ll -p "$MASTER_PORT" -e sh -c \'read line; echo "$line" >> /tmp/got\' & '
         'until [ "$(cat /tmp/got 2>/dev/null | wc -l)" -ge 2 ]; do sleep 0.1; done; sort /tmp/got; '
-        'else until echo "rank $RANK was here" | nc -w 2 "$MASTER_ADDR" "$MASTER_PORT"; do sleep 0.2; done; fi'
+        # nc's "connection refused" while worker 0 starts listening goes to stderr, which the
+        # runtime copies on a goroutine of its own: it may be stamped before the first echo.
+        'else until echo "rank $RANK was here" | nc -w 2 "$MASTER_ADDR" "$MASTER_PORT" 2>/dev/null; do sleep 0.2; done; fi'
     )
     types = f"    worker:\n      count: 3\n{RES}"
     experiment = run(client, k8s_project, git_repo, command, operator="pytorch", types=types)

@@ -80,14 +80,28 @@ def test_kuberay_forms_a_cluster_and_runs_the_command_on_it(
     )
     response = github_push(client, docker_project, sha=sha, message=message)
     assert response.status_code == 201, response.content
-    experiment = ended(response.json()["experiment"], timeout=300)
+    try:
+        experiment = ended(response.json()["experiment"], timeout=300)
+    except AssertionError as exc:  # say where the cluster stuck: each container's last words
+        raise AssertionError(f"{exc}\n{_tails(docker_client, response.json()['experiment'])}") from None
     output = logs.log_text(experiment.pk, "process:submitter")
     assert experiment.status == Status.SUCCEEDED, (experiment.failure_reason, output[-3000:])
-    assert "nodes 3" in output
-    assert "task nodes 2" in output  # both workers ran tasks; the head (no CPUs) none
+    assert "nodes 3" in output, output[-3000:]
+    assert "task nodes 2" in output, output[-3000:]  # both workers ran tasks; the head (no CPUs) none
     assert "http://127.0.0.1:8265" in output  # KubeRay's job server port, in the experiment's namespace
-    assert "cwd /app" in output  # the image's working directory, as the command was written for
+    assert "cwd /app" in output, output[-3000:]  # the image's working directory, as the command was written for
     wait_for(lambda: containers_of(docker_client, experiment.pk) == [], timeout=60, message="containers removed")
+
+
+def _tails(docker_client, experiment_id) -> str:
+    """Each container's last words, then the containers go: a stuck cluster must not load the
+    rest of the suite."""
+    parts = []
+    for c in containers_of(docker_client, experiment_id):
+        tail = docker_client.api.logs(c["Id"], tail=40).decode("utf-8", "replace")
+        parts.append(f"--- {c['Names'][0]} ({c['State']}, {c['Status']})\n{tail}")
+        docker_client.api.remove_container(c["Id"], force=True)
+    return "\n".join(parts)
 
 
 def test_a_failing_ray_job_fails_the_experiment_with_its_output(

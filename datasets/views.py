@@ -159,7 +159,7 @@ def download(request: HttpRequest, slug: str) -> HttpResponse:
         inline = request.GET.get("inline") == "1" and content_type in INLINE_IMAGES
         name = key.rsplit("/", 1)[-1]
         if is_s3():
-            services.read_head(bucket, key, 0)  # a missing file is a 404 here, not at the bucket
+            services.object_size(bucket, key)  # a missing file is a 404 here, not at the bucket
             return redirect(
                 services.download_url(
                     bucket,
@@ -210,11 +210,10 @@ def _preview(bucket: str, key: str) -> dict:
     content_type = mimetypes.guess_type(key)[0] or ""
     extension = "." + key.rsplit(".", 1)[-1].lower() if "." in key.rsplit("/", 1)[-1] else ""
     if content_type in INLINE_IMAGES:
-        services.read_head(bucket, key, 0)  # 404 before rendering an <img> that would fail
+        services.object_size(bucket, key)  # 404 before rendering an <img> that would fail
         return {"mode": "image"}
     if extension not in TEXT_EXTENSIONS | {".csv", ".tsv", ".json"} and not content_type.startswith("text/"):
-        _, size = services.read_head(bucket, key, 0)
-        return {"mode": "none", "size": size}
+        return {"mode": "none", "size": services.object_size(bucket, key)}
     head, size = services.read_head(bucket, key, PREVIEW_BYTES)
     text = head.decode("utf-8", "replace")
     truncated = size > len(head)

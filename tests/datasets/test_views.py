@@ -136,6 +136,9 @@ def test_member_uploads_in_parts_browses_previews_downloads_and_deletes(backend,
     assert '<th scope="col">score</th>' in table.content.decode() and "<td>ada</td>" in table.content.decode()
     meta = member.get(url("preview/", project, bucket="inputs", key="data/meta.json")).content.decode()
     assert "&quot;a&quot;: [" in meta
+    binary = member.get(url("preview/", project, bucket="inputs", key="data/train.bin")).content.decode()
+    assert "No preview for this kind of file (11.0\xa0MB)" in binary
+    assert member.get(url("preview/", project, bucket="inputs", key="data/none.png")).status_code == 404
 
     headers, body = downloaded(member.get(url("download/", project, bucket="inputs", key="data/train.bin")))
     assert headers["Content-Disposition"] == 'attachment; filename="train.bin"'

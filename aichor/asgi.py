@@ -20,7 +20,11 @@ from django.http import HttpRequest, HttpResponse
 from django.template.loader import get_template
 from django.urls import get_resolver, set_script_prefix
 
+from aichor.lib.memory import limit_malloc_arenas
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aichor.settings")
+# Before any thread of the web process allocates (see there).
+limit_malloc_arenas()
 # Django must be set up before the routing imports the consumers and their models.
 django.setup(set_prefix=False)
 

@@ -204,13 +204,19 @@ class DockerEngine(SingleHostEngine):
                 network=self.network,
             )
         key = self._build_key(context_dir, dockerfile, build_args, target)
-        cached = self._cached_build(key) if key else None
+        cached, names = self._cached_build(key) if key else (None, [])
         if cached:
             # Same code, Dockerfile, build args and base images: exactly what Docker's own
             # layer cache would reuse, without sending the context again.
-            self.client.api.tag(cached, *tag.rsplit(":", 1))
+            repository = tag.rsplit(":", 1)[0]
+            earlier = next((name for name in names if name.rsplit(":", 1)[0] == repository), None)
+            if earlier is None:
+                self.client.api.tag(cached, *tag.rsplit(":", 1))
+            # else it runs by the name an earlier experiment of this repository gave it: a new
+            # tag rewrites the daemon's whole tag file under its lock (about 11 ms here, longer
+            # as tags accumulate), and a push of 500 runs of one commit made 500 of them.
             log(f"reusing cached image {cached[:19]}: same code, Dockerfile, build args and base images\n")
-            return tag
+            return earlier or tag
         api = docker.APIClient(base_url=self.base_url, version=self.client.api.api_version, timeout=None)
         stream = api.build(
             path=context_dir,
@@ -259,21 +265,22 @@ class DockerEngine(SingleHostEngine):
             self.client.api.tag(tag, CACHE_REPO, key)
         return tag
 
-    def _cached_build(self, key: str) -> str | None:
-        """The id of the image built with this build key, if the host still has it."""
+    def _cached_build(self, key: str) -> tuple[str | None, list[str]]:
+        """The id of the image built with this build key, if the host still has it, and its
+        names."""
         try:
             image = self.client.api.inspect_image(f"{CACHE_REPO}:{key}")
             # The tag is only a pointer: the label says what the image was built from.
             if ((image.get("Config") or {}).get("Labels") or {}).get(BUILD_KEY_LABEL) == key:
-                return image["Id"]
+                return image["Id"], image.get("RepoTags") or []
         except (ImageNotFound, NotFound):
             pass
         # Built before the cache tag existed: found by its label once, then tagged.
         listed = self.client.api.images(filters={"label": f"{BUILD_KEY_LABEL}={key}"}, quiet=True)
         if not listed:
-            return None
+            return None, []
         self.client.api.tag(listed[0], CACHE_REPO, key)
-        return listed[0]
+        return listed[0], []
 
     def _build_key(self, context_dir: str, dockerfile: str, build_args: dict, target: str | None) -> str | None:
         """A digest of everything a classic build depends on, or None when it cannot be known

@@ -129,6 +129,10 @@ def test_sweep_removes_only_old_unreferenced_archives(project):
     assert not default_storage.exists(orphan)
     assert default_storage.exists(referenced)
     assert default_storage.exists(fresh)
+    # The experiment goes with the test's database; its old archive must not go on to be an
+    # orphan that a later test of this worker's sweep finds.
+    default_storage.delete(referenced)
+    default_storage.delete(fresh)
 
 
 def test_sweep_runs_from_celery_beat(settings):

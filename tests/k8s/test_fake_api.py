@@ -394,10 +394,11 @@ JOBSETS = ("jobset.x-k8s.io", "v1alpha2", NS, "jobsets")
 def test_jobset_completes_with_indexes_and_hosts(api):
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     # Each pod reaches the first pod by its JobSet hostname (`<jobset>-<job>-<i>-<index>.<subdomain>`),
-    # which exists once that pod runs: as real workloads do, the others try until it does.
+    # which exists once that pod runs: as real workloads do, the others try until it does (quietly:
+    # a "bad address" on stderr may be stamped before the line echoed first).
     command = (
         "echo global=$JOB_GLOBAL_INDEX index=$JOB_COMPLETION_INDEX; "
-        "for i in $(seq 100); do ping -c1 -W1 js-a-0-0.js >/dev/null && echo reached && break; sleep 0.2; done"
+        "for i in $(seq 100); do ping -c1 -W1 js-a-0-0.js >/dev/null 2>&1 && echo reached && break; sleep 0.2; done"
     )
     custom.create_namespaced_custom_object(*JOBSETS, jobset("js", command, groups=(("a", 1, 2), ("b", 2, 1))))
 

@@ -674,8 +674,8 @@ def download_url(bucket: str, key: str, *, filename: str, content_type: str, inl
     itself, at the server's full speed and without passing through the dashboard."""
     validate_key(key)
     disposition = f'{"inline" if inline else "attachment"}; filename="{filename}"'
-    # The process's one client: S3Storage would build a boto3 resource on each request's thread
-    # (about 12 MiB of the web process's memory kept per download).
+    # The process's one client, not a boto3 resource per request's thread (django-storages'
+    # S3Storage kept about 12 MiB of the web process's memory per download that way).
     params = {"Bucket": bucket, "Key": key, "ResponseContentDisposition": disposition}
     return s3_client(bucket).generate_presigned_url(
         "get_object", Params=params | {"ResponseContentType": content_type}, ExpiresIn=300

@@ -77,7 +77,9 @@ def submit(experiment_id: UUID) -> None:
     _run_chain(_submit, experiment_id)
 
 
-@shared_task(name="experiments.watch_engine", time_limit=settings.WATCH_SLICE_SECONDS + 600)
+# No time limit: the watch runs as long as experiments do (a prefork worker's limit would kill
+# it mid-interval); the lease lets reconcile replace one that hangs.
+@shared_task(name="experiments.watch_engine")
 def watch_engine(engine_id: int) -> None:
     pipeline.watch_engine(engine_id)
 

@@ -9,8 +9,10 @@ one exit or fifty), and the rest of each completion (final logs, the outcome) ru
 finisher threads: a wave of exits never holds up the interval, nor each other.
 
 A lease (EngineWatch) keeps it to one watcher per engine; the task runs slice after slice
-(freeing the lease in between) for up to TASK_SECONDS, then enqueues its successor, or ends
-when nothing is left to watch (run_submit enqueues it again)."""
+(re-reading its experiments in between) until nothing is left to watch (run_submit enqueues it
+again), and enqueues its successor only when its worker shuts down: a successor sent through
+the queue waits behind whatever is there (the stop tasks of a wave of exits, 30 s of them for
+500 exits here), and nothing is watched meanwhile."""
 
 import concurrent.futures
 import logging
@@ -39,9 +41,6 @@ log = logging.getLogger("experiments.watcher")
 # Experiments whose new output one interval reads, in turn: the log work of an interval is
 # bounded whatever the number running (each is visited every N / LOG_VISITS intervals).
 LOG_VISITS = 32
-# How long one watch_engine task keeps the watch before a fresh task takes over (well inside
-# its time limit, settings.WATCH_SLICE_SECONDS + 600).
-TASK_SECONDS = 300.0
 # Completions under way at once, for every watcher of this process: each waits mostly on the
 # database (a dozen queries) and one log read, so a burst of exits in one interval (a sweep's
 # runs ending together) is through in well under a second.
@@ -62,7 +61,8 @@ class Interval:
 
 
 def watch_engine(engine_id: int) -> None:
-    """The watch_engine task: watch slice after slice, then hand over to a fresh task."""
+    """The watch_engine task: watch slice after slice while anything runs; hand over to a fresh
+    task only when the worker shuts down."""
     engine_model = EngineModel.objects.filter(pk=engine_id).first()
     if engine_model is None:
         return
@@ -71,14 +71,8 @@ def watch_engine(engine_id: int) -> None:
     except EngineError as exc:
         log.warning("cannot watch engine %s: %s", engine_id, exc)
         return
-    ends = time.monotonic() + TASK_SECONDS
     while watcher.run(settings.WATCH_SLICE_SECONDS):
-        # A successor sent through the queue waits behind whatever is there (the stop tasks of
-        # a wave of exits), and nothing is watched meanwhile: only a worker shutting down, or
-        # the task's time limit, hands over that way.
         if worker_state.should_stop is not None or worker_state.should_terminate is not None:
-            break
-        if time.monotonic() >= ends:
             break
     else:
         return

@@ -8,6 +8,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from celery.worker import state as worker_state
 from django.utils import timezone
 
 from aichor.celery import app
@@ -224,18 +225,38 @@ def test_the_final_collection_of_a_followed_log_costs_one_request_and_keeps_the_
     assert logs.log_text(experiment.pk, stream) == "first\nlast\n"
 
 
-def test_the_watch_task_keeps_watching_across_slices_and_hands_over_once(
+def test_the_watch_task_keeps_watching_across_slices_until_nothing_runs_without_a_successor(
     project, local_engine, cleanup, sent, settings, monkeypatch
 ):
-    run_many(project, local_engine, cleanup, 1)
+    # A successor sent through the queue would wait behind a wave of exits' stop tasks, with
+    # nothing watched meanwhile: the task goes on as long as an experiment runs.
+    experiment = run_many(project, local_engine, cleanup, 1, command="sleep 2")[0]
     sent.clear()
     settings.WATCH_SLICE_SECONDS = 0.3
-    monkeypatch.setattr("experiments.pipeline.watcher.TASK_SECONDS", 1.0)
     taken = []
     take = services.take_watch
     monkeypatch.setattr(services, "take_watch", lambda *args: taken.append(1) or take(*args))
-    started = time.monotonic()
     watch_engine(local_engine.pk)
-    assert time.monotonic() - started >= 1.0
+    experiment.refresh_from_db()
+    assert experiment.status == Status.SUCCEEDED
     assert len(taken) >= 3  # slice after slice in this task...
-    assert sent == [("experiments.watch_engine", [local_engine.pk])]  # ...then one successor
+    assert [name for name, _args in sent] == ["experiments.stop"]  # ...and no successor
+
+
+def test_a_worker_shutting_down_hands_the_watch_over_once(project, local_engine, cleanup, sent, settings, monkeypatch):
+    run_many(project, local_engine, cleanup, 1)
+    sent.clear()
+    settings.WATCH_SLICE_SECONDS = 0.3
+    slices = []
+    run = Watcher.run
+
+    def run_then_shut_down(watcher, seconds):
+        slices.append(1)
+        if len(slices) == 2:  # a warm shutdown (Ctrl-C, a deploy) during the second slice
+            monkeypatch.setattr(worker_state, "should_stop", 0)
+        return run(watcher, seconds)
+
+    monkeypatch.setattr(Watcher, "run", run_then_shut_down)
+    watch_engine(local_engine.pk)
+    assert len(slices) == 2
+    assert sent == [("experiments.watch_engine", [local_engine.pk])]

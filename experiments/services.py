@@ -7,7 +7,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, models, transaction
-from django.db.models import F, Q, Window
+from django.db.models import Count, F, Q, Window
 from django.db.models.functions import Coalesce, RowNumber
 from django.utils import timezone
 
@@ -293,11 +293,16 @@ def _step_pair_statement(db) -> str:
     return _STEP_PAIR[db.vendor]
 
 
-def _next_step(experiment_id: UUID, previous: str, outcome: str, step: str, now: datetime, reason: str = "") -> None:
+def _next_step(
+    experiment_id: UUID, previous: str, outcome: str, step: str, now: datetime, reason: str = "", also=()
+) -> None:
     """_set_step(previous → outcome) then _set_step(step → Running). Where a step change usually
     finds them (Running, Initialize) both rows change in one update and both events go in one
-    insert: a step change is 2 queries, not 4. Otherwise the rows are taken one by one."""
+    insert: a step change is 2 queries, not 4. Otherwise the rows are taken one by one. `also`:
+    events of the same change not written yet (the status event of a start), in that insert."""
     if StepStatus.RUNNING not in allowed_from(STEP_TRANSITIONS, outcome):
+        if also:
+            _insert(list(also))
         _set_step(experiment_id, previous, outcome, reason=reason)
         _set_step(experiment_id, step, StepStatus.RUNNING)
         return
@@ -329,6 +334,7 @@ def _next_step(experiment_id: UUID, previous: str, outcome: str, step: str, now:
             _set_step(experiment_id, previous, outcome, reason=reason)
         if step not in done:
             _set_step(experiment_id, step, StepStatus.RUNNING)
+    events = [*also, *events]
     if events:
         _insert(events)
 
@@ -352,11 +358,15 @@ def begin_step(
         return _leave_waiting(experiment_id)
     with transaction.atomic():
         # Past Waiting an experiment is Processing: that update first, one query instead of two.
+        also = ()
         if not Experiment.objects.filter(pk=experiment_id, status=Status.PROCESSING, current_step=previous).update(
             current_step=step, heartbeat_at=now, **(fields or {})
-        ) and not _move_from_created(experiment_id, previous, step, now, fields):
-            return False
-        _next_step(experiment_id, previous, previous_outcome, step, now, reason)
+        ):
+            started = _move_from_created(experiment_id, previous, step, now, fields)
+            if started is None:
+                return False
+            also = (started,)
+        _next_step(experiment_id, previous, previous_outcome, step, now, reason, also)
         if step == StepName.RUNNING:
             signals.announce(experiment_id, signals.RUNNING)
     return True
@@ -417,7 +427,9 @@ def begin_completions(outcomes: dict[UUID, tuple[str, str]]) -> list[UUID]:
 
 def _move_from_created(
     experiment_id: UUID, previous: str, step: str, now: datetime, fields: dict | None = None
-) -> bool:
+) -> Event | None:
+    """Created → Processing in `step`; its status event, which the caller writes with the step
+    change's own (_next_step's `also`), or None when the experiment was not there to move."""
     moved = Experiment.objects.filter(pk=experiment_id, status=Status.CREATED, current_step=previous).update(
         status=Status.PROCESSING,
         current_step=step,
@@ -426,15 +438,15 @@ def _move_from_created(
         waiting_reason="",
         **(fields or {}),
     )
-    if moved:
-        Event.objects.create(
-            experiment_id=experiment_id,
-            kind=Event.Kind.STATUS,
-            old=Status.CREATED,
-            new=Status.PROCESSING,
-            reason=f"{step} started",
-        )
-    return bool(moved)
+    if not moved:
+        return None
+    return Event(
+        experiment_id=experiment_id,
+        kind=Event.Kind.STATUS,
+        old=Status.CREATED,
+        new=Status.PROCESSING,
+        reason=f"{step} started",
+    )
 
 
 # --- Slots: max_running_experiments_per_project (SPEC §4) ----------------------------------
@@ -495,10 +507,25 @@ def _fill_slots(project_id, engine: Engine, *, own: Experiment | None = None) ->
     return own_started, others
 
 
+def _all_fit(project_id, engine: Engine) -> bool:
+    """Whether every active experiment of (project, engine) has a slot, and none was held back
+    (left waiting with a reason, for a dispatch to start): then one starts at once, without the
+    project lock and the line. Safe without the lock: an experiment is Waiting or Processing,
+    never neither, so this count includes whoever could race for a slot, and anyone created
+    after counts this one."""
+    from experiments.limits import MAX_RUNNING, engine_limit
+
+    counts = Experiment.objects.filter(project_id=project_id, engine=engine, status__in=ACTIVE_STATUSES).aggregate(
+        active=Count("pk"), held=Count("pk", filter=Q(status=Status.CREATED) & ~Q(waiting_reason=""))
+    )
+    return counts["active"] <= engine_limit(engine, MAX_RUNNING) and not counts["held"]
+
+
 def _start_waiting(experiment_id: UUID, now: datetime) -> bool:
-    if not _move_from_created(experiment_id, StepName.WAITING, StepName.CLONING, now):
+    started = _move_from_created(experiment_id, StepName.WAITING, StepName.CLONING, now)
+    if started is None:
         return False
-    _next_step(experiment_id, StepName.WAITING, StepStatus.SUCCEEDED, StepName.CLONING, now)
+    _next_step(experiment_id, StepName.WAITING, StepStatus.SUCCEEDED, StepName.CLONING, now, also=(started,))
     return True
 
 
@@ -536,6 +563,8 @@ def _leave_waiting(experiment_id: UUID) -> bool:
     if own is None:
         return False  # cancelled, or already out of Waiting (a resumed task: see pipeline.common.enter)
     with transaction.atomic():
+        if _all_fit(own.project_id, own.engine):
+            return _start_waiting(experiment_id, timezone.now())
         started, others = _fill_slots(own.project_id, own.engine, own=own)
         for other in others:
             enqueue("clone", other)

@@ -7,6 +7,7 @@ import re
 import threading
 from datetime import timedelta
 
+import psycopg
 import pytest
 from django.db import connection
 from django.utils import timezone
@@ -350,6 +351,36 @@ def test_two_clone_tasks_starting_at_once_take_one_slot(project, git_repo, one_s
     assert Experiment.objects.filter(project=project, status=Status.PROCESSING).count() == 1
     loser = next(pk for pk, ok in results.items() if not ok)
     assert Experiment.objects.get(pk=loser).waiting_reason == SLOT_REASON
+
+
+def test_with_room_for_every_active_experiment_a_start_takes_no_project_lock(project, git_repo, local_engine):
+    # A sweep of 500 under a limit it fits in: each start is a count and the move, never a
+    # turn at the project lock (held here by another transaction, as a slot dispatch holds it).
+    set_engine_config(local_engine, max_running_experiments_per_project=3)
+    experiments = [queued(project, git_repo) for _ in range(3)]
+    db = connection.settings_dict
+    holder = psycopg.connect(host=db["HOST"], port=db["PORT"] or 5432, user=db["USER"], dbname=db["NAME"])
+    try:
+        holder.execute("SELECT id FROM projects_project WHERE id = %s FOR UPDATE", [project.pk])
+        results: list[bool] = []
+
+        def start() -> None:
+            try:
+                results.extend(services.begin_step(e.pk, StepName.CLONING) for e in experiments)
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=start)
+        thread.start()
+        thread.join(10)
+        assert results == [True, True, True]
+    finally:
+        holder.close()
+        thread.join(30)
+    # One more than fits takes the lock and the line, and waits with its reason.
+    fourth = queued(project, git_repo)
+    assert not services.begin_step(fourth.pk, StepName.CLONING)
+    assert Experiment.objects.get(pk=fourth.pk).waiting_reason
 
 
 def test_reconcile_rechecks_a_waiting_experiment_quietly_and_starts_it_when_a_slot_frees(project, git_repo, one_slot):

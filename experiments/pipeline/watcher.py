@@ -9,7 +9,7 @@ one exit or fifty), and the rest of each completion (final logs, the outcome) ru
 finisher threads: a wave of exits never holds up the interval, nor each other.
 
 A lease (EngineWatch) keeps it to one watcher per engine; the task runs slice after slice
-(re-reading its experiments in between) until nothing is left to watch (run_submit enqueues it
+(re-reading its experiments in between, holding the lease) until nothing is left to watch (run_submit enqueues it
 again), and enqueues its successor only when its worker shuts down: a successor sent through
 the queue waits behind whatever is there (the stop tasks of a wave of exits, 30 s of them for
 500 exits here), and nothing is watched meanwhile."""
@@ -71,11 +71,12 @@ def watch_engine(engine_id: int) -> None:
     except EngineError as exc:
         log.warning("cannot watch engine %s: %s", engine_id, exc)
         return
-    while watcher.run(settings.WATCH_SLICE_SECONDS):
+    while watcher.run(settings.WATCH_SLICE_SECONDS, going_on=True):
         if worker_state.should_stop is not None or worker_state.should_terminate is not None:
             break
     else:
         return
+    watcher.release()
     enqueue("watch_engine", engine_id)
 
 
@@ -102,13 +103,19 @@ class Watcher:
         # Handed to a finisher, until they leave the watched rows (Succeeded, Failed): never twice.
         self.finishing: dict[UUID, concurrent.futures.Future] = {}
         self.turn = 0
+        self.holding = False  # the lease, kept from one slice to the next (run's going_on)
 
-    def run(self, seconds: float) -> bool:
-        """Watch until the slice ends; True when a successor must take over."""
-        if not services.take_watch(self.engine_id, self.owner):
+    def run(self, seconds: float, *, going_on: bool = False) -> bool:
+        """Watch until the slice ends; True when a successor must take over. `going_on`: this
+        watcher runs the next slice itself, so a full slice keeps the lease and the completions
+        under way (at the end of a slice in a wave of exits, waiting for hundreds of them left
+        every exit unnoticed for half a minute); only its experiments are read again."""
+        if not self.holding and not services.take_watch(self.engine_id, self.owner):
             return False  # a live watcher has it
+        self.holding = True
         poll = settings.WATCH_POLL_SECONDS
         end = time.monotonic() + seconds
+        full = False
         try:
             while time.monotonic() < end:
                 started = time.monotonic()
@@ -118,14 +125,21 @@ class Watcher:
                 if not done.experiments and not self.carry_on():
                     return False
                 time.sleep(max(0.0, poll - (time.monotonic() - started)))
+            full = True
         finally:
-            # A successor must not find a completion under way and begin it again.
-            self.settle()
             # The streams stay open: a successor in this process goes on reading them (the
             # engine closes the ones nobody comes back for).
             self.known.clear()
-            services.release_watch(self.engine_id, self.owner)
+            if not (full and going_on):
+                self.release()
         return True
+
+    def release(self) -> None:
+        """Free the lease, once the completions under way are done: a successor must not find
+        one and begin it again."""
+        self.settle()
+        self.holding = False
+        services.release_watch(self.engine_id, self.owner)
 
     def settle(self) -> None:
         """Wait for the completions handed to finishers (a second or so each)."""

@@ -4,6 +4,7 @@ quiet experiments (the stats line the benchmark reads)."""
 
 import logging
 import re
+import threading
 import time
 from datetime import timedelta
 
@@ -233,14 +234,19 @@ def test_the_watch_task_keeps_watching_across_slices_until_nothing_runs_without_
     experiment = run_many(project, local_engine, cleanup, 1, command="sleep 2")[0]
     sent.clear()
     settings.WATCH_SLICE_SECONDS = 0.3
-    taken = []
-    take = services.take_watch
+    slices, taken = [], []
+    run, take = Watcher.run, services.take_watch
+    monkeypatch.setattr(
+        Watcher, "run", lambda watcher, *args, **kwargs: slices.append(1) or run(watcher, *args, **kwargs)
+    )
     monkeypatch.setattr(services, "take_watch", lambda *args: taken.append(1) or take(*args))
     watch_engine(local_engine.pk)
     experiment.refresh_from_db()
     assert experiment.status == Status.SUCCEEDED
-    assert len(taken) >= 3  # slice after slice in this task...
+    assert len(slices) >= 3  # slice after slice in this task...
+    assert len(taken) == 1  # ...under the one lease, taken once...
     assert [name for name, _args in sent] == ["experiments.stop"]  # ...and no successor
+    assert EngineWatch.objects.get(engine=local_engine).owner == ""  # freed at the end
 
 
 def test_a_worker_shutting_down_hands_the_watch_over_once(project, local_engine, cleanup, sent, settings, monkeypatch):
@@ -250,13 +256,37 @@ def test_a_worker_shutting_down_hands_the_watch_over_once(project, local_engine,
     slices = []
     run = Watcher.run
 
-    def run_then_shut_down(watcher, seconds):
+    def run_then_shut_down(watcher, seconds, **kwargs):
         slices.append(1)
         if len(slices) == 2:  # a warm shutdown (Ctrl-C, a deploy) during the second slice
             monkeypatch.setattr(worker_state, "should_stop", 0)
-        return run(watcher, seconds)
+        return run(watcher, seconds, **kwargs)
 
     monkeypatch.setattr(Watcher, "run", run_then_shut_down)
     watch_engine(local_engine.pk)
     assert len(slices) == 2
     assert sent == [("experiments.watch_engine", [local_engine.pk])]
+    assert not services.watcher_gone(local_engine.pk)  # the lease was freed for the successor
+    assert EngineWatch.objects.get(engine=local_engine).owner == ""
+
+
+def test_a_slice_that_goes_on_neither_waits_for_completions_nor_frees_the_lease(
+    project, local_engine, cleanup, settings, monkeypatch
+):
+    # At the end of a slice in a wave of exits, waiting for every completion under way left
+    # the exits after them unnoticed for as long (half a minute at 500).
+    experiment = run_many(project, local_engine, cleanup, 1, command="true")[0]
+    gate = threading.Event()
+    monkeypatch.setattr("experiments.pipeline.watcher.finish", lambda *args: gate.wait(30))
+    watcher = Watcher(local_engine)
+    try:
+        wait_for(lambda: watcher.run(0.3, going_on=True) and experiment.pk in watcher.finishing, message="an exit")
+        started = time.monotonic()
+        assert watcher.run(0.3, going_on=True)
+        assert time.monotonic() - started < 2  # the completion is still under way
+        assert not watcher.finishing[experiment.pk].done()
+        assert EngineWatch.objects.get(engine=local_engine).owner == watcher.owner
+    finally:
+        gate.set()
+        watcher.release()
+    assert EngineWatch.objects.get(engine=local_engine).owner == ""

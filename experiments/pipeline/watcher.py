@@ -9,10 +9,10 @@ one exit or fifty), and the rest of each completion (final logs, the outcome) ru
 finisher threads: a wave of exits never holds up the interval, nor each other.
 
 A lease (EngineWatch) keeps it to one watcher per engine; the task runs slice after slice
-(re-reading its experiments in between, holding the lease) until nothing is left to watch (run_submit enqueues it
-again), and enqueues its successor only when its worker shuts down: a successor sent through
-the queue waits behind whatever is there (the stop tasks of a wave of exits, 30 s of them for
-500 exits here), and nothing is watched meanwhile."""
+(re-reading its experiments in between, holding the lease) until nothing is left to watch
+(run_submit enqueues it again), and enqueues its successor only when its worker shuts down: a
+successor sent through the queue waits behind whatever is there (the stop tasks of a wave of
+exits, 30 s of them for 500 exits here), and nothing is watched meanwhile."""
 
 import concurrent.futures
 import logging
@@ -254,6 +254,10 @@ class Watcher:
         for experiment_id in [pk for pk in self.known if pk not in keep]:
             self.finishing.pop(experiment_id, None)
             self.engine.unfollow(self.known.pop(experiment_id).handle or {})
+        # Completions that ended after a slice cleared `known`: the task now runs for as long as
+        # experiments do, so their futures would pile up.
+        for experiment_id in [pk for pk, f in self.finishing.items() if pk not in keep and f.done()]:
+            del self.finishing[experiment_id]
 
     def tell_waiting(self, experiment_id: UUID, states: list[ProcessState]) -> None:
         """Why processes wait (a pod unschedulable for want of GPUs, an image that cannot be

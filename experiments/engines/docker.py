@@ -32,6 +32,7 @@ from docker.types import Mount as DockerMount
 
 from experiments.engines import buildah
 from experiments.engines.base import Cancelled, EngineError, ExecSession, ProcessState
+from experiments.engines.docker_exits import ExitFeed, exit_feed
 from experiments.engines.single_host import (
     RAY_PORTS,
     RAY_WORKER_PORTS,
@@ -562,15 +563,25 @@ class DockerEngine(SingleHostEngine):
         the containers that are not running (the few that just exited, or wait to start), and
         containers seen running stay so until they show up there; a full list every
         FULL_LIST_SECONDS finds any removed behind aichor's back ("missing"), and containers
-        never seen yet (just submitted) are looked up by id in the same request."""
+        never seen yet (just submitted) are looked up by id in the same request.
+
+        A busy daemon lists a container as running for seconds after it died: the exits and
+        removals its event stream announced (docker_exits) count at once."""
         wanted = {cid for handle in handles.values() for cid in handle.get("containers", {}).values()}
+        announced = self._exit_feed().exits(wanted) if wanted else {}
+        self._running -= announced.keys()
         try:
-            listed = self._listed(wanted)
+            listed = self._listed(wanted - announced.keys())
         except (APIError, DockerException) as exc:
             self._listed_at = None  # start again from a full list
             raise EngineError(f"cannot list the containers: {_explain(exc)}") from None
         by_id = {cid: {"Id": cid, "State": "running"} for cid in self._running & wanted}
         by_id |= {c["Id"]: c for c in listed}
+        for cid, code in announced.items():
+            if code is None:
+                by_id.pop(cid, None)  # removed: missing
+            elif by_id.get(cid, {}).get("State") not in ("exited", "dead"):
+                by_id[cid] = {"Id": cid, "State": "exited", "Status": f"Exited ({code})"}
         states = {
             experiment_id: [
                 self._listed_state(name, by_id.get(cid)) for name, cid in handle.get("containers", {}).items()
@@ -581,6 +592,9 @@ class DockerEngine(SingleHostEngine):
             if handle.get("queues"):
                 self._advance(handle, states[experiment_id])
         return states
+
+    def _exit_feed(self) -> ExitFeed:
+        return exit_feed(self.base_url, self.client.api.api_version, LABEL)
 
     def _listed(self, wanted: set[str]) -> list[dict]:
         """The labelled containers states() must read this interval (see there); keeps

@@ -32,7 +32,7 @@ from experiments import services
 from experiments.engines import get_engine
 from experiments.engines.base import EngineError, ProcessState
 from experiments.models import Experiment, StepName, StepStatus
-from experiments.pipeline.complete import collect_logs, decided, finish, watch_state_of
+from experiments.pipeline.complete import COMPLETIONS, collect_logs, decided, finish, watch_state_of
 from experiments.queue import enqueue
 from projects.models import Engine as EngineModel
 
@@ -220,8 +220,19 @@ class Watcher:
     def hand_over(self, experiment_id: UUID, step: str, work, *args) -> None:
         """Run `work(experiment id, engine, handle, state, *args)` on a finisher thread."""
         watched = self.known[experiment_id]
+        COMPLETIONS.begin()
         self.finishing[experiment_id] = _FINISHERS.submit(
-            _finisher, self.engine_id, step, work, experiment_id, self.engine, watched.handle, watched.state, *args
+            COMPLETIONS.run,
+            _finisher,
+            time.monotonic(),
+            self.engine_id,
+            step,
+            work,
+            experiment_id,
+            self.engine,
+            watched.handle,
+            watched.state,
+            *args,
         )
 
     @staticmethod
@@ -295,7 +306,7 @@ class Watcher:
                 services.save_watch_state(experiment_id, watched.state)
 
 
-def _finisher(engine_id: int, step: str, work, experiment_id: UUID, engine, *args) -> None:
+def _finisher(handed: float, engine_id: int, step: str, work, experiment_id: UUID, engine, *args) -> None:
     """One completion on a finisher thread: its own database connection, as a task's would be
     (checked before and released after, as Celery does around a task)."""
     close_old_connections()
@@ -314,11 +325,12 @@ def _finisher(engine_id: int, step: str, work, experiment_id: UUID, engine, *arg
     finally:
         if settings.WATCH_STATS:
             log.info(
-                "watch finish engine=%s experiment=%s docker_calls=%d queries=%d seconds=%.4f",
+                "watch finish engine=%s experiment=%s docker_calls=%d queries=%d waited=%.4f seconds=%.4f",
                 engine_id,
                 experiment_id,
                 engine.calls() - calls,
                 queries[0],
+                started - handed,
                 time.monotonic() - started,
             )
         close_old_connections()

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 from celery.worker import state as worker_state
+from django.db import connection
 from django.utils import timezone
 
 from aichor.celery import app
@@ -17,7 +18,7 @@ from experiments import logs, services
 from experiments.engines import docker as docker_engine_module
 from experiments.engines import get_engine
 from experiments.models import EngineWatch, Experiment, Status
-from experiments.pipeline import reconcile
+from experiments.pipeline import complete, reconcile
 from experiments.pipeline.complete import collect_logs, watch_state_of
 from experiments.pipeline.watcher import Watcher, watch_engine
 from tests.experiments.test_terminal import start_running_experiment
@@ -150,6 +151,54 @@ def test_docker_states_follow_a_container_started_again_and_see_its_removal_with
     wait_for(lambda: phase() == "running", timeout=10, message="the container running again")
     docker_client.api.remove_container(cid, force=True)
     wait_for(lambda: phase() == "missing", timeout=10, message="the removal, long before the next full list")
+
+
+@pytest.mark.docker
+def test_a_cancel_stops_the_processes_at_once_and_removes_them_once_the_completions_under_way_are_done(
+    docker_project, docker_engine, docker_client, cleanup, sent, monkeypatch
+):
+    monkeypatch.setattr(complete, "REMOVAL_WAIT_SECONDS", 60.0)
+    (experiment,) = run_many(docker_project, docker_engine, cleanup, 1)
+    cid = experiment.handle["containers"]["worker-0"]
+    services.cancel_experiment(experiment)
+    # A completion of another experiment under way on a finisher, until `done`.
+    done = threading.Event()
+    complete.COMPLETIONS.begin()
+    threading.Thread(target=complete.COMPLETIONS.run, args=(done.wait,)).start()
+
+    def stop() -> None:
+        try:
+            complete.stop(experiment.pk)
+        finally:
+            connection.close()  # this thread's own
+
+    stopping = threading.Thread(target=stop)
+    try:
+        stopping.start()
+        wait_for(
+            lambda: docker_client.api.inspect_container(cid)["State"]["Status"] == "exited",
+            timeout=10,
+            message="the cancelled experiment's container stopped",
+        )
+        stopping.join(1.0)
+        # The removal waits: in a wave of exits the daemon serves the final log reads first.
+        assert stopping.is_alive() and docker_client.api.inspect_container(cid)
+    finally:
+        done.set()
+    stopping.join(10)
+    assert not stopping.is_alive() and not docker_client.api.containers(all=True, filters={"id": cid})
+
+
+def test_a_stop_run_inline_by_a_completion_does_not_wait_for_itself():
+    # AICHOR_CELERY_EAGER runs the stop task that a completion enqueues inside that completion.
+    waited = []
+    complete.COMPLETIONS.begin()
+    inline = threading.Thread(
+        target=complete.COMPLETIONS.run, args=(lambda: waited.append(complete.COMPLETIONS.wait_idle(60)),)
+    )
+    inline.start()
+    inline.join(10)
+    assert not inline.is_alive() and waited == [False] and complete.COMPLETIONS.count == 0
 
 
 def test_a_second_watcher_returns_at_once_and_takes_over_an_expired_lease(project, local_engine, cleanup):

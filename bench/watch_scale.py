@@ -26,12 +26,16 @@ Where that time goes is printed beside it, for information: the deliveries, the 
 pipeline thread and median time in each step, and the CPU seconds of each phase (bare run,
 pipeline) for the machine and each component (the Docker daemon, the workers, PostgreSQL...): on
 a shared machine the gap between the two is other people's work.
-BENCH_WATCH_SIZES=10,20 runs smaller rounds (to debug)."""
+BENCH_WATCH_SIZES=10,20 runs smaller rounds (to debug). BENCH_WATCH_KEEP=DIR keeps the workers'
+logs there (with AICHOR_WATCH_STATS: a line per watcher interval, and per completion the seconds
+it waited for a finisher and took) and times-N.json: each experiment's delivery, container
+start, container exit and Succeeded, in epoch seconds."""
 
 import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -53,6 +57,7 @@ from bench._common import (  # noqa: E402
     setup_django,
 )
 
+KEEP = Path(os.environ["BENCH_WATCH_KEEP"]) if os.environ.get("BENCH_WATCH_KEEP") else None
 SIZES = [int(n) for n in os.environ.get("BENCH_WATCH_SIZES", "100,300,500").split(",")]
 LABEL = "aichor.experiment"
 BARE_LABEL = "aichor.bench-bare"
@@ -366,6 +371,8 @@ def main() -> None:
         return ids[-1]
 
     results: dict[int, dict] = {}
+    if KEEP:
+        KEEP.mkdir(parents=True, exist_ok=True)
     try:
         warm = deliver(f"aichor[train.yaml]: warm-up ends {int(time.time())}")
         deadline = time.time() + 180
@@ -395,6 +402,9 @@ def main() -> None:
         remove_containers(client, LABEL, keep=lambda labels: labels.get(LABEL) in ours)
         remove_tags(client, f"aichor/{project.namespace}/")
         redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+        if KEEP:
+            for path in Path(env["AICHOR_DATA_DIR"]).glob("*.log"):
+                shutil.copy(path, KEEP)
     report(results)
 
 
@@ -459,6 +469,17 @@ def one_round(n, client, deliver, events, logs, engine_id, watchers, roles, at_o
         status, finished = rows[e]
         if e in events.exited:
             lags.append((finished.timestamp() if status == "Succeeded" else now) - events.exited[e])
+    if KEEP:
+        times = {
+            e: {
+                "sent": sent[e],
+                "started": events.started.get(e),
+                "exited": events.exited.get(e),
+                "finished": rows[e][1] and rows[e][1].timestamp(),
+            }
+            for e in batch
+        }
+        (KEEP / f"times-{n}.json").write_text(json.dumps(times))
     unfinished = [e for e in batch if rows[e][0] not in ("Succeeded", "Failed", "Cancelled")]
     for e in unfinished:
         try:

@@ -100,16 +100,23 @@ def test_docker_states_see_an_exit_at_once_and_a_removed_container_by_the_next_f
     )
 
 
+def followed_by_events(project, engine_model, cleanup, monkeypatch):
+    """(engine, experiment, container id, experiment id) of one running container, seen running
+    once (which starts the engine's event stream) and no full list due for the rest of the test."""
+    monkeypatch.setattr(docker_engine_module, "FULL_LIST_SECONDS", 3600.0)
+    engine = get_engine(engine_model)
+    (experiment,) = run_many(project, engine_model, cleanup, 1)
+    cid, pk = experiment.handle["containers"]["worker-0"], str(experiment.pk)
+    assert engine.states({pk: experiment.handle})[pk][0].phase == "running"
+    wait_for(engine._exit_feed().connected.is_set, timeout=10, message="the events stream")
+    return engine, experiment, cid, pk
+
+
 @pytest.mark.docker
 def test_docker_states_count_an_exit_from_its_event_while_the_daemons_list_still_says_running(
     docker_project, docker_engine, docker_client, cleanup, monkeypatch
 ):
-    monkeypatch.setattr(docker_engine_module, "FULL_LIST_SECONDS", 3600.0)
-    engine = get_engine(docker_engine)
-    (experiment,) = run_many(docker_project, docker_engine, cleanup, 1)
-    cid, pk = experiment.handle["containers"]["worker-0"], str(experiment.pk)
-    assert engine.states({pk: experiment.handle})[pk][0].phase == "running"
-    wait_for(engine._exit_feed().connected.is_set, timeout=10, message="the events stream")
+    engine, experiment, cid, pk = followed_by_events(docker_project, docker_engine, cleanup, monkeypatch)
     # What a busy daemon answers for seconds after a container died (measured, docker_exits):
     # the container still running. No test can make a daemon lag on cue, so the list leaves it
     # out of the stopped ones here.
@@ -134,16 +141,11 @@ def test_docker_states_count_an_exit_from_its_event_while_the_daemons_list_still
 def test_docker_states_follow_a_container_started_again_and_see_its_removal_without_a_full_list(
     docker_project, docker_engine, docker_client, cleanup, monkeypatch
 ):
-    monkeypatch.setattr(docker_engine_module, "FULL_LIST_SECONDS", 3600.0)
-    engine = get_engine(docker_engine)
-    (experiment,) = run_many(docker_project, docker_engine, cleanup, 1)
-    cid, pk = experiment.handle["containers"]["worker-0"], str(experiment.pk)
+    engine, experiment, cid, pk = followed_by_events(docker_project, docker_engine, cleanup, monkeypatch)
 
     def phase() -> str:
         return engine.states({pk: experiment.handle})[pk][0].phase
 
-    assert phase() == "running"
-    wait_for(engine._exit_feed().connected.is_set, timeout=10, message="the events stream")
     docker_client.api.kill(cid)
     wait_for(lambda: phase() == "exited", timeout=10, message="the exit")
     # An exit the feed keeps must not outlive a start: the container runs again.

@@ -72,7 +72,10 @@ class ExitFeed:
                     since = event.get("time", since)
                     self._record(event)
             except Exception as exc:  # the daemon restarted, the socket closed: connect again
-                log.info("docker events of %s ended (%s); reconnecting", self.base_url, exc)
+                # Once per outage, not once a second while the host is down.
+                (log.info if self.connected.is_set() else log.debug)(
+                    "docker events of %s ended (%s); reconnecting", self.base_url, exc
+                )
             finally:
                 self.connected.clear()
                 if api is not None:

@@ -177,11 +177,12 @@ def stop(experiment_id) -> None:
     try:
         engine = get_engine(experiment.engine)
         handle = experiment.handle or engine.find(str(experiment.pk))
-        if handle and engine.processes(handle):
+        has_processes = bool(handle and engine.processes(handle))
+        if has_processes:
             engine.cancel(handle)  # a cancel stops the processes at once; their removal can wait
             collect_logs(engine, experiment.pk, handle, watch_state_of(experiment.watch_state, []), final=True)
         COMPLETIONS.wait_idle(REMOVAL_WAIT_SECONDS)
-        if handle and engine.processes(handle):
+        if has_processes:
             engine.cleanup(handle)
         # Containers a racing submit created after the handle was read.
         engine.cleanup_experiment(str(experiment.pk))

@@ -263,12 +263,10 @@ class Watcher:
     def forget(self, keep: set[UUID]) -> None:
         """Experiments no longer watched (finished, cancelled): close their streams."""
         for experiment_id in [pk for pk in self.known if pk not in keep]:
-            self.finishing.pop(experiment_id, None)
             self.engine.unfollow(self.known.pop(experiment_id).handle or {})
-        # Completions that ended after a slice cleared `known`: the task now runs for as long as
-        # experiments do, so their futures would pile up.
-        for experiment_id in [pk for pk, f in self.finishing.items() if pk not in keep and f.done()]:
-            del self.finishing[experiment_id]
+        # Done completions of experiments no longer watched, also those a slice's end took out of
+        # `known`: the task runs for as long as experiments do, so their futures would pile up.
+        self.finishing = {pk: f for pk, f in self.finishing.items() if pk in keep or not f.done()}
 
     def tell_waiting(self, experiment_id: UUID, states: list[ProcessState]) -> None:
         """Why processes wait (a pod unschedulable for want of GPUs, an image that cannot be

@@ -20,6 +20,7 @@ from experiments.manifest.types import Resources
 from experiments.workload import Group, Volume, Workload
 
 HOST = "127.0.0.1"
+RAY_SUBMITTER = Path(__file__).with_name("ray_submitter.py").read_text()
 BUCKET_KINDS = ("inputs", "outputs")
 
 
@@ -284,9 +285,14 @@ def _ray_processes(
     # As KubeRay's submitter does: the command follows `--` as the manifest wrote it (`ray job
     # submit` joins the words the shell made of it into the entrypoint the head's shell runs, in
     # the working directory `ray start` was given there: the image's, or the code's locally).
+    # Run by the Python `ray` runs on (its first line); an image whose `ray` is no Python script
+    # gets `ray job submit` itself, with Ray's follower, which can miss the job's last lines.
     submit = (
         f"until ray job list --address={jobs} >/dev/null 2>&1; do sleep 1; done; "
-        f"exec ray job submit --address={jobs} -- {workload.command}"
+        f"set -- {workload.command}; "
+        "python=$(sed -n '1s/^#!//p' \"$(command -v ray)\"); "
+        f'case "$python" in *python*) exec $python -c {shlex.quote(RAY_SUBMITTER)} "$@";; esac; '
+        f'exec ray job submit --address={jobs} -- "$@"'
     )
     processes.append(proc("submitter", {**ray, "RAY_DASHBOARD_ADDRESS": jobs}, submitter, submit))
     return processes

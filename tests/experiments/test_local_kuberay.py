@@ -112,7 +112,7 @@ def test_kuberay_forms_a_cluster_on_the_local_engine_and_leaves_no_ray_process(
         assert "tasks on the head 0 on workers 4" in output  # the head started with num-cpus 0
         assert f"ray {RAY_VERSION} server 127.0.0.1:" in output
         assert "code folder True" in output
-        assert "succeeded" in output  # `ray job submit` saw the job end
+        assert "succeeded\n" in output  # the submitter saw the job end, after its last lines
         wait_for(lambda: not groups_alive(pids), timeout=60, message="every Ray process of the experiment gone")
         # Ray's session folder (its logs, sockets and address file) goes with the experiment.
         wait_for(lambda: not ray_dir(experiment_id).exists(), timeout=30, message="the Ray folder removed")

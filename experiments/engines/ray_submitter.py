@@ -3,8 +3,8 @@
 `ray job submit` follows the driver's log through the job server, and Ray's follower stops as
 soon as it finds the job ended after a second with no new line: lines the driver wrote in that
 second (its final result, typically, printed just before it exits) are never shown. This does
-what `ray job submit` does (submit the command, follow its output live, exit 1 unless the job
-succeeded), then prints whatever the follower missed from the job's whole log.
+what `ray job submit` does (submit the command as the job's entrypoint, follow its output live,
+exit 1 unless the job succeeded), then prints whatever the follower missed from the job's log.
 
 It runs inside the experiment's image, with the image's Ray (the engine passes this file's
 text to the Python that `ray` runs on): it may import Ray's public SDK and nothing of aichor.
@@ -12,18 +12,17 @@ text to the Python that `ray` runs on): it may import Ray's public SDK and nothi
 
 import asyncio
 import os
-import subprocess
 import sys
 import time
 
 
-def main(argv: list[str], client_class=None) -> int:
+def main(entrypoint: str, client_class=None) -> int:
     if client_class is None:
         from ray.job_submission import JobSubmissionClient as client_class
     address = os.environ["RAY_DASHBOARD_ADDRESS"]
     client = client_class(address)
-    # As `ray job submit -- WORDS`: the words the shell made, joined again into one entrypoint.
-    job = client.submit_job(entrypoint=subprocess.list2cmdline(argv))
+    # The command as the manifest wrote it: the job supervisor's shell runs it whole.
+    job = client.submit_job(entrypoint=entrypoint)
     print(f"Job '{job}' submitted to {address}; its output follows.", flush=True)
     shown = asyncio.run(_follow(client, job))
     while not (status := client.get_job_status(job)).is_terminal():
@@ -44,4 +43,4 @@ async def _follow(client, job: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1]))

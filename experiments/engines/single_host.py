@@ -282,17 +282,17 @@ def _ray_processes(
             processes.append(proc(f"{pool.name}-{i}", ray, pool, command))
     submitter = next(g for g in workload.groups if g.role == "submitter")
     jobs = f"http://{host}:{dashboard}"
-    # As KubeRay's submitter does: the command follows `--` as the manifest wrote it (`ray job
-    # submit` joins the words the shell made of it into the entrypoint the head's shell runs, in
-    # the working directory `ray start` was given there: the image's, or the code's locally).
-    # Run by the Python `ray` runs on (its first line); an image whose `ray` is no Python script
-    # gets `ray job submit` itself, with Ray's follower, which can miss the job's last lines.
+    # The job's entrypoint is `spec.command` whole (SPEC §9), run by the shell of the head's job
+    # supervisor in the working directory `ray start` was given there (the image's, or the
+    # code's locally): `a.py; echo done` runs both in the job. The submitter is run by the Python
+    # `ray` runs on (its first line); an image whose `ray` is no Python script gets `ray job
+    # submit` itself, as KubeRay's submitter runs it (its shell splits the command into words,
+    # Ray joins them again), with Ray's follower, which can miss the job's last lines.
     submit = (
         f"until ray job list --address={jobs} >/dev/null 2>&1; do sleep 1; done; "
-        f"set -- {workload.command}; "
         "python=$(sed -n '1s/^#!//p' \"$(command -v ray)\"); "
-        f'case "$python" in *python*) exec $python -c {shlex.quote(RAY_SUBMITTER)} "$@";; esac; '
-        f'exec ray job submit --address={jobs} -- "$@"'
+        f'case "$python" in *python*) exec $python -c {shlex.quote(RAY_SUBMITTER)} {shlex.quote(workload.command)};; esac; '
+        f"exec ray job submit --address={jobs} -- {workload.command}"
     )
     processes.append(proc("submitter", {**ray, "RAY_DASHBOARD_ADDRESS": jobs}, submitter, submit))
     return processes

@@ -73,7 +73,11 @@ def test_kuberay_forms_a_cluster_and_runs_the_command_on_it(
 ):
     message = "aichor[ray.yaml]: ray cluster"
     manifest = manifest_yaml(
-        "python3 src/cluster.py", operator="kuberay", types=TYPES, extra_spec="  rayVersion: 2.23.0\n"
+        # The whole command is the job's entrypoint (SPEC §9): what follows `;` runs in the job too.
+        "python3 src/cluster.py; echo after the driver",
+        operator="kuberay",
+        types=TYPES,
+        extra_spec="  rayVersion: 2.23.0\n",
     )
     sha = git_repo.commit(
         {"aichor_manifests/ray.yaml": manifest, "Dockerfile": ray_dockerfile, "src/cluster.py": RAY_SCRIPT}, message
@@ -92,6 +96,8 @@ def test_kuberay_forms_a_cluster_and_runs_the_command_on_it(
     # submitter (which prints the lines Ray's follower can miss: these three, printed at the end).
     assert "submitted to http://127.0.0.1:8265" in output
     assert "cwd /app" in output, output[-3000:]  # the image's working directory, as the command was written for
+    # After the driver, inside the job: before the submitter says the job ended.
+    assert output.index("cwd /app") < output.index("after the driver\n") < output.rindex("' succeeded\n")
     wait_for(lambda: containers_of(docker_client, experiment.pk) == [], timeout=60, message="containers removed")
 
 

@@ -45,18 +45,19 @@ class EarlyFollower:
         return self.LOG
 
 
-def run(monkeypatch, capsys, client_class, argv) -> tuple[int, str]:
+def run(monkeypatch, capsys, client_class, command: str) -> tuple[int, str]:
     monkeypatch.setenv("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
     monkeypatch.setattr(ray_submitter.time, "sleep", lambda seconds: None)
-    code = ray_submitter.main(argv, client_class=client_class)
+    code = ray_submitter.main(command, client_class=client_class)
     return code, capsys.readouterr().out
 
 
 def test_the_lines_the_follower_missed_are_printed_once_after_it(monkeypatch, capsys):
     EarlyFollower.submitted.clear()
-    code, out = run(monkeypatch, capsys, EarlyFollower, ["python", "train.py", "--name", "two words"])
+    command = "python train.py --name 'two words' && echo \"done in $PWD\""
+    code, out = run(monkeypatch, capsys, EarlyFollower, command)
     assert code == 0
-    assert EarlyFollower.submitted == ['python train.py --name "two words"']  # as `ray job submit` joins them
+    assert EarlyFollower.submitted == [command]  # the job's shell runs the command as written
     job_output = out.split("its output follows.\n", 1)[1].rsplit("Job 'raysubmit_1'", 1)[0]
     assert job_output == EarlyFollower.LOG  # every line, once, in order
     assert out.endswith("Job 'raysubmit_1' succeeded\n")
@@ -66,14 +67,14 @@ def test_a_job_that_did_not_succeed_exits_1_with_its_output(monkeypatch, capsys)
     class Failing(EarlyFollower):
         final = "FAILED"
 
-    code, out = run(monkeypatch, capsys, Failing, ["python", "train.py"])
+    code, out = run(monkeypatch, capsys, Failing, "python train.py")
     assert code == 1
     assert "accuracy 0.93\nJob 'raysubmit_1' failed\n" in out
 
 
-def test_the_text_the_engine_passes_runs_as_a_script_with_the_commands_words():
-    # What the container runs: `python -c <this file's text> WORDS`. The test's Python has no
+def test_the_text_the_engine_passes_runs_as_a_script_with_the_command():
+    # What the container runs: `python -c <this file's text> COMMAND`. The test's Python has no
     # Ray: the text parses and runs as far as Ray's import.
-    done = subprocess.run([sys.executable, "-c", RAY_SUBMITTER, "python", "x.py"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", RAY_SUBMITTER, "python x.py"], capture_output=True, text=True)
     assert done.returncode == 1
     assert "No module named 'ray'" in done.stderr

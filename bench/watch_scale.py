@@ -570,16 +570,15 @@ def report(results: dict[int, dict]) -> None:
             f"{r['bare_s']:.2f} / {r['bare_after_s']:.2f} s",
         )
         figure(f"N={n} submit -> last container started", fmt(r["pipeline_s"]))
-        ratio = r["pipeline_s"] / bare if r["pipeline_s"] else None
+        pipeline = r["pipeline_s"]
+        ratio, ratio_before = (pipeline / bare, pipeline / r["bare_s"]) if pipeline else (None, None)
         figure(
             f"N={n} submit -> last start, ratio to bare (mean of before and after)",
             fmt(ratio, "x"),
             f"<= {RATIO_TARGET}x",
             ratio is not None and ratio <= RATIO_TARGET,
         )
-        figure(
-            f"N={n}   ratio to the bare run before alone", fmt(r["pipeline_s"] and r["pipeline_s"] / r["bare_s"], "x")
-        )
+        figure(f"N={n}   ratio to the bare run before alone", fmt(ratio_before, "x"))
         # Where the time goes (information: read it when the ratio misses).
         figure(f"N={n} webhook deliveries of N, one after another", fmt(r["delivered_s"]))
         figure(f"N={n} submit -> container start, median per experiment", fmt(r["submit_to_start_median_s"]))
